@@ -1,0 +1,1 @@
+"""convfx: low-rank factorization of trained CNNs as a torch.fx compiler pass."""

@@ -1,0 +1,1 @@
+"""Graph passes and decomposition math for convfx. Imports nothing from ``convfx``."""
