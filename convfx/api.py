@@ -1,0 +1,325 @@
+"""The public entry points: :func:`compress` and :func:`analyze`.
+
+``compress`` is a small compiler: trace → shape/MAC analysis → rank selection →
+factorize rewrite → recompile. Every pass lives in :mod:`passes`; this module wires them,
+validates arguments and builds the report.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes.convs import Site, SkippedLayer, find_sites, set_submodule
+from passes.errors import ConvfxError
+from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, original_cost
+from passes.flops import annotate_macs, fvcore_macs, propagate_shapes
+from passes.ranks import RankSpec, select_ranks, validate_rank_spec
+from passes.rewrite import factorize_sites
+from passes.trace import TraceResult, is_plain_conv, trace
+
+from .report import LayerReport, Report
+
+__all__ = ["compress", "analyze", "Analysis", "LayerStats", "default_filter", "infer_example_inputs"]
+
+log = logging.getLogger("convfx")
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """Select every 2-d convolution; Linears only when a user's ``filter_fn`` asks.
+
+    A functional ``conv2d`` is owned by whatever module holds its weight, which need not
+    be an ``nn.Conv2d``; the default selects those too.
+    """
+    return not isinstance(module, nn.Linear)
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ValueError("example_inputs: expected a tensor or a tuple of tensors, "
+                     f"got {type(example_inputs).__name__}")
+
+
+def _param_ref(model: nn.Module) -> torch.Tensor | None:
+    for p in model.parameters():
+        return p
+    return None
+
+
+def infer_example_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], str]:
+    """An image-shaped input (1, C_in of the first conv, 224, 224) and the stated assumption."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ValueError("example_inputs: required for this model (it has no nn.Conv2d to infer an "
+                         "image input from)")
+    ref = _param_ref(model)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    x = torch.randn(1, first.in_channels, 224, 224, dtype=dtype, device=device)
+    note = (f"no example_inputs given: assumed one image of shape (1, {first.in_channels}, 224, 224) "
+            "from the first conv; MAC counts depend on this input size")
+    log.info(note)
+    return (x,), note
+
+
+def _resolve_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], list[str]]:
+    if example_inputs is None:
+        inputs, note = infer_example_inputs(model)
+        return inputs, [note]
+    return _as_tuple(example_inputs), []
+
+
+def _count_params(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _validate(method: str, rank: RankSpec, filter_fn: Any) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    validate_rank_spec(rank)
+    if filter_fn is not None and not callable(filter_fn):
+        raise ValueError(f"filter_fn: expected a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+
+
+def _owner(model: nn.Module, gm: fx.GraphModule, fqn: str) -> nn.Module:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return gm.get_submodule(fqn)
+
+
+def _conv_modules_outside_graph(model: nn.Module, seen: set[str], traced: TraceResult) -> list[SkippedLayer]:
+    """Convs in the model that no graph node calls, each with the reason."""
+    out: list[SkippedLayer] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.modules.conv._ConvNd) or name in seen:
+            continue
+        if any(name == p or name.startswith(p + ".") for p in seen):
+            continue
+        leaf = next((p for p in traced.leaf_fallbacks if name.startswith(p + ".")), None)
+        if leaf is not None:
+            reason = f"inside {leaf!r}, which could not be traced and is kept as a leaf"
+        elif isinstance(mod, nn.Conv2d) and not is_plain_conv(mod):
+            reason = "conv subclass whose forward does not call F.conv2d on its own weight"
+        else:
+            reason = "not called by the model's forward on the example inputs"
+        out.append(SkippedLayer(name, reason))
+    return out
+
+
+def _site_row(site: Site, plan: FactorPlan | None, reason: str | None, err: float | None,
+              fit: str = "weights") -> LayerReport:
+    shape = site.geometry
+    macs_b = params_b = macs_a = params_a = 0
+    for node in site.nodes:
+        in_shape = tuple(node.meta["convfx_in_shape"])
+        mb, pb = original_cost(shape, in_shape)
+        macs_b += mb
+        params_b = pb
+        if plan is not None:
+            ma, pa = factor_cost(shape, plan, in_shape)
+            macs_a += ma
+            params_a = pa
+    if plan is None:
+        macs_a, params_a = macs_b, params_b
+    w = tuple(site.weight.shape)
+    return LayerReport(
+        fqn=site.fqn, kind="linear" if shape.linear else "conv", shape=w,
+        kernel=None if shape.linear else shape.kernel_size, stride=None if shape.linear else shape.stride,
+        method=plan.method if plan else None, ranks=plan.ranks if plan else None,
+        macs_before=macs_b, macs_after=macs_a, params_before=params_b, params_after=params_a,
+        rel_error=err, skipped=reason, fit=fit,
+    )
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    method: str = "tucker",
+    rank: RankSpec = "vbmf",
+    filter_fn: FilterFn | None = None,
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Replace the convolutions of ``model`` by low-rank factorizations.
+
+    Returns a ``torch.fx.GraphModule`` whose factors live under the original layer names
+    (``layer1.0.conv2.0``, ``.1``, ``.2``) and whose ``convfx_report`` lists every conv.
+
+    Args:
+        model: any module that ``torch.fx`` can trace (untraceable submodules are kept as
+            leaves and their convs reported as skipped).
+        example_inputs: a tensor or tuple of tensors; without it an image of shape
+            (1, C_in, 224, 224) is assumed from the first conv and the report says so.
+        method: ``"tucker"`` (Tucker-2), ``"cp"`` or ``"svd"``. 1x1 convs always use SVD.
+        rank: ``"vbmf"``, ``"energy:0.9"``, an int, a ``(r_out, r_in)`` tuple, a float in
+            (0, 1] or a dict ``{fqn: any of those}``. See :mod:`passes.ranks`.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` selecting layers; default: every
+            ``nn.Conv2d``. Return True for an ``nn.Linear`` to factorize it by SVD.
+        inplace: reuse (and modify) ``model``'s modules instead of working on a copy.
+
+    Example:
+        >>> import torchvision
+        >>> gm = compress(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224), rank=0.5)
+        >>> gm.convfx_report.conv_reduction > 1
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _validate(method, rank, filter_fn)
+    t0 = time.perf_counter()
+    inputs, assumptions = _resolve_inputs(model, example_inputs)
+    src = model if inplace else copy.deepcopy(model)
+    select = filter_fn or default_filter
+
+    traced = trace(src)
+    gm = traced.gm
+    propagate_shapes(gm, inputs)
+    annotate_macs(gm)
+    conv_before, total_before = fvcore_macs(gm, inputs)
+    params_before = _count_params(gm)
+
+    sites, skipped = find_sites(gm)
+    if isinstance(rank, Mapping):
+        unknown = sorted(set(rank) - {s.fqn for s in sites})
+        if unknown:
+            raise ValueError(f"rank: dict names layer(s) that are not factorizable convs in this model: "
+                             f"{unknown[:5]}")
+    chosen: list[Site] = []
+    rows: list[LayerReport] = []
+    for site in sites:
+        owner = _owner(src, gm, site.fqn)
+        if not select(owner, site.fqn):
+            if site.kind != "linear":
+                rows.append(_site_row(site, None, "excluded by filter_fn", None))
+            continue
+        if site.kind == "linear" and type(owner) is not nn.Linear:
+            continue
+        chosen.append(site)
+
+    plans = select_ranks(chosen, method, rank)
+    errors: dict[str, float] = {}
+
+    def weights(site: Site, plan: FactorPlan) -> list[torch.Tensor]:
+        ws, err = decompose_weights(site.weight, site.bias, site.geometry, plan)
+        errors[site.fqn] = err
+        return ws
+
+    to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+    done = factorize_sites(gm, chosen, to_do, weights)
+    for site in chosen:
+        p = plans[site.fqn]
+        plan = p if isinstance(p, FactorPlan) else None
+        rows.append(_site_row(site, plan, None if plan else str(p), errors.get(site.fqn)))
+    for s in skipped:
+        rows.append(LayerReport(s.fqn, s.kind, (), None, None, None, None, 0, 0, 0, 0, None, skipped=s.reason))
+    rows.extend(LayerReport(s.fqn, "conv", tuple(_owner(src, gm, s.fqn).weight.shape), None, None, None, None,
+                            0, 0, 0, 0, None, skipped=s.reason)
+                for s in _conv_modules_outside_graph(src, {s.fqn for s in sites} | {s.fqn for s in skipped},
+                                                          traced))
+    order = {name: i for i, (name, _) in enumerate(src.named_modules())}
+    rows.sort(key=lambda r: order.get(r.fqn, len(order)))
+
+    if inplace:
+        for fs in done:
+            if isinstance(_owner(model, gm, fs.fqn), nn.Conv2d | nn.Linear) and fs.container.n_factors:
+                try:
+                    set_submodule(model, fs.fqn, fs.container)
+                except AttributeError:
+                    pass
+
+    conv_after, total_after = fvcore_macs(gm, inputs)
+    report = Report(
+        layers=rows, conv_macs_before=conv_before, conv_macs_after=conv_after,
+        total_macs_before=total_before, total_macs_after=total_after,
+        params_before=params_before, params_after=_count_params(gm),
+        input_shapes=[tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+        method=method, rank=str(rank if not isinstance(rank, Mapping) else f"dict[{len(rank)}]"),
+        assumptions=assumptions, seconds=time.perf_counter() - t0,
+    )
+    if traced.leaf_fallbacks:
+        report.notes.extend(f"{k!r} kept as an untraced leaf: {v}" for k, v in traced.leaf_fallbacks.items())
+    gm.convfx_report = report  # type: ignore[assignment]
+    log.info("compressed %s: conv MACs %s -> %s (%.2fx), %d layers factorized in %.2fs",
+             type(model).__name__, f"{conv_before:,}", f"{conv_after:,}", report.conv_reduction,
+             len(report.factorized), report.seconds)
+    return gm
+
+
+@dataclass
+class LayerStats:
+    """One conv/linear call in an analysed model (fvcore-convention MACs)."""
+
+    fqn: str
+    op: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    macs: int
+
+
+@dataclass
+class Analysis:
+    """MACs (1 multiply-add = 1, fvcore) and parameters of a model on given inputs."""
+
+    conv_macs: int
+    total_macs: int
+    params: int
+    layers: list[LayerStats] = field(default_factory=list)
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def conv_gflops(self) -> float:
+        """Conv GFLOPs in the 2 × MACs convention."""
+        return 2 * self.conv_macs / 1e9
+
+
+def analyze(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> Analysis:
+    """Count MACs (fvcore) and parameters of a plain module or a compressed GraphModule.
+
+    >>> a = analyze(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 10, 10))
+    >>> a.conv_macs == 8 * 3 * 3 * 3 * 8 * 8
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    inputs, assumptions = _resolve_inputs(model, example_inputs)
+    gm = trace(model).gm
+    propagate_shapes(gm, inputs)
+    annotate_macs(gm)
+    conv, total = fvcore_macs(model, inputs)
+    layers: list[LayerStats] = []
+    for node in gm.graph.nodes:
+        if "convfx_macs" not in node.meta:
+            continue
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            fqn, op, wshape = str(node.target), type(mod).__name__, tuple(mod.weight.shape)
+        else:
+            w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            fqn = str(w.target).rsplit(".", 1)[0]
+            op, wshape = "conv2d", tuple(gm.get_parameter(str(w.target)).shape)
+        layers.append(LayerStats(fqn, op, tuple(node.meta["convfx_in_shape"]),
+                                 tuple(node.meta["convfx_out_shape"]), wshape, int(node.meta["convfx_macs"])))
+    return Analysis(conv_macs=conv, total_macs=total, params=_count_params(model), layers=layers,
+                    input_shapes=[tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+                    assumptions=assumptions)
+

@@ -1,0 +1,121 @@
+"""Symbolic tracing that keeps convolutions visible to the rewrite pass.
+
+Plain ``nn.Conv2d`` modules (and subclasses that do not override ``forward``) stay
+``call_module`` leaves, so that the rewrite can swap them as a unit. Subclasses that
+override ``forward`` (for example a "static same padding" conv that pads and then calls
+``F.conv2d`` on its own weight) are traced *into*: swapping them for plain convs would
+silently drop their extra logic. Their convolution then appears as a ``call_function``
+``conv2d`` node whose weight comes from a ``get_attr``.
+
+Modules whose ``forward`` cannot be traced (data-dependent control flow) are retried as
+leaves; convs inside them are reported as skipped rather than failing the whole model.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import ConvfxError
+
+__all__ = ["ConvfxTracer", "TraceResult", "trace", "is_plain_conv"]
+
+log = logging.getLogger(__name__)
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_plain_conv(module: nn.Module) -> bool:
+    """True for a conv whose behaviour is fully described by its hyperparameters."""
+    return isinstance(module, _CONV_TYPES) and type(module).forward in {
+        nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+    }
+
+
+class ConvfxTracer(fx.Tracer):
+    """fx Tracer with convfx's leaf policy and a record of the module being traced.
+
+    ``extra_leaves`` holds qualified names forced to be leaves (untraceable modules).
+    ``failed_in`` records the innermost module whose tracing raised, to name it.
+    """
+
+    def __init__(self, extra_leaves: set[str] | None = None) -> None:
+        super().__init__()
+        self.extra_leaves: set[str] = set(extra_leaves or ())
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.extra_leaves:
+            return True
+        if isinstance(m, _CONV_TYPES):
+            return is_plain_conv(m)
+        # Already-factorized containers are traced into (their factors are leaves).
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # innermost module first
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+@dataclass
+class TraceResult:
+    """A traced GraphModule plus what tracing had to give up on."""
+
+    gm: fx.GraphModule
+    leaf_fallbacks: dict[str, str] = field(default_factory=dict)  # qualname -> reason
+
+
+def _is_trace_failure(err: BaseException) -> bool:
+    return isinstance(err, (fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError))
+
+
+def trace(model: nn.Module, *, max_fallbacks: int = 32) -> TraceResult:
+    """Trace ``model`` with :class:`ConvfxTracer`, demoting untraceable submodules to leaves.
+
+    Raises :class:`ConvfxError` when the root module itself cannot be traced.
+
+    >>> res = trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> [n.op for n in res.gm.graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    leaves: dict[str, str] = {}
+    for _ in range(max_fallbacks + 1):
+        tracer = ConvfxTracer(set(leaves))
+        try:
+            graph = tracer.trace(model)
+        except Exception as err:  # noqa: BLE001 - re-raised with context below
+            if not _is_trace_failure(err):
+                raise
+            culprit = tracer.failed_in or ""
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+            if not culprit or culprit in leaves:
+                raise ConvfxError(
+                    f"cannot be traced by torch.fx ({reason})",
+                    where=culprit or type(model).__name__,
+                    hint="data-dependent control flow must live in a submodule (convfx then treats "
+                    "it as a leaf and leaves its convs alone), or compress the traceable part and "
+                    "exclude the rest with filter_fn",
+                ) from err
+            log.warning(
+                "module %r cannot be traced (%s); treating it as a leaf, its convs will not be "
+                "factorized", culprit, reason,
+            )
+            leaves[culprit] = reason
+            continue
+        name = model.__class__.__name__
+        gm = fx.GraphModule(tracer.root, graph, name)
+        return TraceResult(gm=gm, leaf_fallbacks=leaves)
+    raise ConvfxError(f"gave up after {max_fallbacks} untraceable submodules", where=type(model).__name__)
+
