@@ -1,0 +1,421 @@
+"""Evaluation, fine-tuning, distillation, BN re-estimation and exact in-process resume."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from convfx.checkpoint import load_checkpoint
+from convfx.train import (
+    CHECKPOINT_NAME,
+    DeterministicBatchSampler,
+    StepInfo,
+    distillation_loss,
+    evaluate,
+    finetune,
+    param_groups,
+    recalibrate_bn,
+)
+from passes.errors import ConvfxError
+
+
+def _load_toy() -> ModuleType:
+    """The shared toy model/data module, loaded by file path (it also serves the workers)."""
+    spec = importlib.util.spec_from_file_location("convfx_tests_toy", Path(__file__).parent / "workers" / "toy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toy = _load_toy()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Bit-exact comparisons need a fixed intra-op thread count (and the box is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------- evaluate
+
+
+class _TableModel(nn.Module):
+    """Returns a fixed row of logits for each input index (inputs are indices)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", logits)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.inner = nn.Dropout(0.5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table[idx.long()] * self.scale
+
+
+@pytest.mark.parametrize("num_classes", [3, 5, 10])
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_evaluate_matches_hand_count(num_classes: int, batch_size: int) -> None:
+    g = torch.Generator().manual_seed(num_classes * 100 + batch_size)
+    n = 50
+    targets = torch.randint(0, num_classes, (n,), generator=g)
+    ranks = torch.randint(0, num_classes, (n,), generator=g)  # where the target lands in the ordering
+    logits = torch.empty(n, num_classes)
+    for i in range(n):
+        values = torch.linspace(3.0, -3.0, num_classes)  # distinct, descending: no ties
+        others = [c for c in range(num_classes) if c != targets[i]]
+        order = others[: ranks[i]] + [int(targets[i])] + others[ranks[i]:]
+        logits[i, order] = values
+    k = min(5, num_classes)
+    expect_top1 = 100.0 * float((ranks == 0).sum()) / n
+    expect_top5 = 100.0 * float((ranks < k).sum()) / n
+    expect_loss = sum(
+        math.log(sum(math.exp(v) for v in logits[i].tolist())) - float(logits[i, targets[i]]) for i in range(n)
+    ) / n
+
+    model = _TableModel(logits)
+    model.train()
+    model.inner.eval()  # a mixed mode must survive evaluate()
+    loader = DataLoader(TensorDataset(torch.arange(n), targets), batch_size=batch_size)
+    res = evaluate(model, loader, progress=False)
+    assert res["n"] == n
+    assert res["top1"] == pytest.approx(expect_top1)
+    assert res["top5"] == pytest.approx(expect_top5)
+    assert res["loss"] == pytest.approx(expect_loss, rel=1e-5)
+    assert model.training and not model.inner.training
+
+    limited = evaluate(model, loader, progress=False, max_batches=1)
+    assert limited["n"] == min(batch_size, n)
+
+
+def test_evaluate_rejects_bad_output_and_empty_loader() -> None:
+    bad = nn.Flatten(0)  # 1-D output
+    loader = DataLoader(TensorDataset(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    with pytest.raises(ConvfxError, match="logits"):
+        evaluate(bad, loader, progress=False)
+    empty = DataLoader(TensorDataset(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), batch_size=2)
+    with pytest.raises(ConvfxError, match="no samples"):
+        evaluate(nn.Linear(3, 2), empty, progress=False)
+
+
+# ---------------------------------------------------------------- losses, groups, BN
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_distillation_loss_formula(alpha: float, temperature: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    p_t = [[math.exp(v / temperature) for v in row] for row in t.tolist()]
+    p_t = [[v / sum(row) for v in row] for row in p_t]
+    p_s = [[math.exp(v / temperature) for v in row] for row in s.tolist()]
+    p_s = [[v / sum(row) for v in row] for row in p_s]
+    kl = sum(pt * math.log(pt / ps) for rt, rs in zip(p_t, p_s) for pt, ps in zip(rt, rs)) / 6
+    ce = sum(-math.log(math.exp(row[c]) / sum(math.exp(v) for v in row)) for row, c in zip(s.tolist(), y.tolist())) / 6
+    expected = alpha * temperature**2 * kl + (1 - alpha) * ce
+    got = distillation_loss(s, t, y, alpha=alpha, temperature=temperature)
+    assert float(got) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+def test_param_groups_skip_bn_and_biases(weight_decay: float, tmp_path: Path) -> None:
+    model = toy.make_model()
+    model.features[0].weight.requires_grad_(False)  # frozen: in no group
+    groups = param_groups(model, weight_decay)
+    named = {id(p): n for n, p in model.named_parameters()}
+    decay = sorted(named[id(p)] for p in groups[0]["params"])
+    no_decay = sorted(named[id(p)] for p in groups[1]["params"])
+    assert groups[0]["weight_decay"] == weight_decay and groups[1]["weight_decay"] == 0.0
+    assert decay == ["fc.weight", "features.3.weight"]
+    assert no_decay == sorted(["fc.bias", "features.1.weight", "features.1.bias", "features.4.weight", "features.4.bias"])
+
+    # finetune's optimizer uses exactly these groups (visible in its checkpoint)
+    train, _ = toy.make_loaders(n_train=32)
+    finetune(model, train, epochs=1, lr=0.01, weight_decay=weight_decay, checkpoint_dir=tmp_path,
+             progress=False, max_steps_per_epoch=1)
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)["optimizer"]["param_groups"]
+    assert [(len(g["params"]), g["weight_decay"]) for g in saved] == [(2, weight_decay), (5, 0.0)]
+
+
+class _ConvDropBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.drop = nn.Dropout(0.5)  # must stay off while statistics are gathered
+        self.bn = nn.BatchNorm2d(4, momentum=0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.drop(self.conv(x)))
+
+
+@pytest.mark.parametrize("num_batches", [1, 3])
+@pytest.mark.parametrize("was_training", [False, True])
+def test_recalibrate_bn_reproduces_batch_statistics(num_batches: int, was_training: bool) -> None:
+    torch.manual_seed(0)
+    model = _ConvDropBN()
+    model.bn.running_mean.fill_(5.0)  # stale statistics to be replaced
+    model.train(was_training)
+    x = torch.randn(4 * 5, 3, 8, 8) * 2 + 1
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=5)
+    recalibrate_bn(model, loader, num_batches)
+
+    with torch.no_grad():
+        feats = [model.conv(xb) for xb in x.split(5)[:num_batches]]
+    # equal batch sizes: the cumulative average of batch means is the overall mean, and
+    # the running variance is the average of the per-batch unbiased variances
+    mean = torch.cat(feats).mean(dim=(0, 2, 3))
+    var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(model.bn.running_mean, mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.bn.running_var, var, rtol=1e-5, atol=1e-5)
+    assert int(model.bn.num_batches_tracked) == num_batches
+    assert model.bn.momentum == 0.3
+    assert all(m.training == was_training for m in model.modules())
+
+
+def test_recalibrate_bn_empty_loader_keeps_old_statistics() -> None:
+    model = _ConvDropBN()
+    model.bn.running_mean.fill_(2.0)
+    empty = DataLoader(TensorDataset(torch.randn(0, 3, 8, 8)), batch_size=2)
+    with pytest.raises(ConvfxError, match="no batches"):
+        recalibrate_bn(model, empty, 2)
+    assert torch.all(model.bn.running_mean == 2.0) and model.bn.momentum == 0.3
+
+
+# --------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("n", [29, 32])
+def test_sampler_shards_cover_the_epoch(world_size: int, drop_last: bool, n: int) -> None:
+    kw = dict(seed=3, epoch=1, drop_last=drop_last, world_size=world_size)
+    per_rank = [list(DeterministicBatchSampler(n, 4, rank=r, **kw)) for r in range(world_size)]
+    steps = DeterministicBatchSampler.steps_per_epoch(n, 4, world_size, drop_last)
+    assert all(len(b) == steps for b in per_rank)
+    for s in range(steps):  # equal per-rank sizes at every step (DDP would hang otherwise)
+        assert len({len(b[s]) for b in per_rank}) == 1
+    seen = sorted(i for b in per_rank for batch in b for i in batch)
+    if drop_last:
+        assert len(seen) == len(set(seen)) == (n // (4 * world_size)) * 4 * world_size
+    else:
+        assert set(seen) == set(range(n)) and len(seen) == -(-n // world_size) * world_size
+    # restartable: starting at step k yields exactly the tail
+    tail = list(DeterministicBatchSampler(n, 4, rank=0, start_step=2, **kw))
+    assert tail == per_rank[0][2:]
+    # the order depends on the epoch, not on anything else
+    assert list(DeterministicBatchSampler(n, 4, rank=0, **kw)) == per_rank[0]
+    assert list(DeterministicBatchSampler(n, 4, rank=0, **{**kw, "epoch": 2})) != per_rank[0]
+
+
+# -------------------------------------------------------------------- finetune
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+def test_finetune_reduces_loss(schedule: str) -> None:
+    train, val = toy.make_loaders()
+    model = toy.make_model()
+    before = evaluate(model, train, progress=False)["loss"]
+    out = finetune(model, train, val, epochs=3, lr=0.05, schedule=schedule, warmup_steps=2,
+                   progress=False, checkpoint_dir=None)
+    after = evaluate(model, train, progress=False)["loss"]
+    assert after < before
+    hist = out["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and out["step"] == 36
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert {"train_loss", "val_top1", "val_top5", "val_loss", "images_per_s", "lr", "step"} <= hist[0].keys()
+    assert model.training
+
+
+def test_finetune_restores_module_modes() -> None:
+    train, _ = toy.make_loaders(n_train=32)
+    student, teacher = toy.make_model(), toy.make_model(seed=1)
+    student.eval()
+    student.features[1].train()  # a mixed mode, as a user may have set it
+    teacher.train()
+    finetune(student, train, epochs=1, lr=0.01, teacher=teacher, progress=False)
+    assert not student.training and student.features[1].training and not student.fc.training
+    assert all(m.training for m in teacher.modules())
+
+
+def test_distillation_first_step_matches_formula() -> None:
+    train, _ = toy.make_loaders(n_train=64)
+    student = toy.make_model(seed=0)
+    teacher = toy.make_model(seed=7)
+    teacher.train()
+    student0, teacher0 = copy.deepcopy(student), copy.deepcopy(teacher)
+    seen: list[StepInfo] = []
+    finetune(student, train, epochs=1, lr=0.01, teacher=teacher, kd_alpha=0.7, kd_temperature=3.0,
+             progress=False, callback=seen.append, max_steps_per_epoch=2)
+
+    first = next(iter(DeterministicBatchSampler(64, 16, seed=0, epoch=0)))
+    x, y = train.dataset[first]
+    student0.train()
+    teacher0.eval()
+    with torch.no_grad():
+        expected = distillation_loss(student0(x), teacher0(x), y, alpha=0.7, temperature=3.0)
+    assert float(seen[0].loss) == pytest.approx(float(expected), rel=1e-5)
+    assert teacher.training  # mode restored
+    assert _equal_states(teacher.state_dict(), teacher0.state_dict())  # never updated, no BN drift
+
+
+def test_distillation_with_alpha_zero_is_plain_training() -> None:
+    train, _ = toy.make_loaders(n_train=64)
+    plain, distilled = toy.make_model(), toy.make_model()
+    finetune(plain, train, epochs=1, lr=0.05, progress=False)
+    finetune(distilled, train, epochs=1, lr=0.05, teacher=toy.make_model(seed=3), kd_alpha=0.0, progress=False)
+    assert _equal_states(plain.state_dict(), distilled.state_dict())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _run(ckpt: Path | None, *, stop_at: int | None = None, graceful: bool = False, fx_model: bool = False,
+         teacher_seed: int | None = None, **kw) -> tuple[dict[str, torch.Tensor], dict]:
+    train, val = toy.make_loaders(n_train=96, augment=True)
+    model: nn.Module = toy.make_model(dropout=0.2)
+    if fx_model:
+        model = fx.symbolic_trace(model)
+    teacher = toy.make_model(seed=teacher_seed) if teacher_seed is not None else None
+
+    def callback(info: StepInfo) -> bool | None:
+        if info.global_step == stop_at:
+            if graceful:
+                return True
+            raise _Interrupt
+        return None
+
+    args = dict(epochs=2, lr=0.05, warmup_steps=2, bn_recalibrate=2, checkpoint_every=2, progress=False)
+    args.update(kw)
+    out = finetune(model, train, val, checkpoint_dir=ckpt, callback=callback, teacher=teacher, **args)
+    return model.state_dict(), out
+
+
+VARIANTS = {
+    "cosine": {},
+    "onecycle+teacher": {"schedule": "onecycle", "teacher_seed": 9},
+    "fx-graphmodule": {"fx_model": True},
+}
+_REFERENCES: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+
+
+def _reference(variant: str) -> tuple[dict[str, torch.Tensor], dict]:
+    if variant not in _REFERENCES:
+        _REFERENCES[variant] = _run(None, **VARIANTS[variant])
+    return _REFERENCES[variant]
+
+
+# 96 samples / batch 16 = 6 steps per epoch, 12 in all.  ``saved``: the global step of
+# the checkpoint the interrupted run leaves (the last step of an epoch is only saved by
+# the epoch-end checkpoint, after validation, which an interrupt at that step pre-empts).
+@pytest.mark.parametrize(
+    "stop_at,every,graceful,saved",
+    [(1, 2, False, None), (3, 2, False, 2), (6, 1, False, 5), (7, 3, False, 6), (11, 2, True, 11),
+     (6, 4, True, 6)],
+    ids=["before-first-checkpoint", "mid-epoch", "epoch-end", "between-checkpoints", "graceful-stop",
+         "graceful-stop-at-epoch-end"],
+)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_interrupt_and_resume_is_bit_exact(tmp_path: Path, stop_at: int, every: int, graceful: bool,
+                                           saved: int | None, variant: str) -> None:
+    kw = VARIANTS[variant]
+    ref_state, ref_out = _reference(variant)
+    if graceful:
+        _, out = _run(tmp_path, stop_at=stop_at, graceful=True, checkpoint_every=every, **kw)
+        assert out["stopped_early"] and out["step"] == stop_at
+        assert len(out["history"]) == stop_at // 6
+    else:
+        with pytest.raises(_Interrupt):
+            _run(tmp_path, stop_at=stop_at, checkpoint_every=every, **kw)
+    path = tmp_path / CHECKPOINT_NAME
+    saved_step = load_checkpoint(path)["global_step"] if path.exists() else None
+    assert saved_step == saved
+    state, out = _run(tmp_path, checkpoint_every=every, **kw)
+    assert out["resumed_from"] == saved_step
+    assert _equal_states(state, ref_state)
+    assert [h["train_loss"] for h in out["history"]] == [h["train_loss"] for h in ref_out["history"]]
+    assert [h["val_top1"] for h in out["history"]] == [h["val_top1"] for h in ref_out["history"]]
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
+    state, out = _run(tmp_path)
+    again, out2 = _run(tmp_path)
+    assert _equal_states(state, again)
+    assert out2["resumed_from"] == out["step"] == out2["step"]
+    assert out2["history"] == out["history"]
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.1}, {"epochs": 3}, {"seed": 1}])
+def test_resume_with_other_config_is_refused(tmp_path: Path, change: dict) -> None:
+    _run(tmp_path, max_steps_per_epoch=2)
+    with pytest.raises(ConvfxError, match=f"different configuration.*{next(iter(change))}"):
+        _run(tmp_path, max_steps_per_epoch=2, **change)
+    # resume=False starts over instead
+    _, out = _run(tmp_path, max_steps_per_epoch=2, resume=False, **change)
+    assert out["resumed_from"] is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"epochs": 0}, {"lr": 0.0}, {"schedule": "step"}, {"kd_alpha": 1.5}, {"kd_temperature": 0.0},
+     {"checkpoint_every": -1}, {"max_steps_per_epoch": 0}, {"warmup_steps": 100, "schedule": "onecycle"},
+     {"nesterov": True, "momentum": 0.0}, {"weight_decay": -1.0}],
+)
+def test_finetune_rejects_bad_arguments(bad: dict) -> None:
+    train, _ = toy.make_loaders(n_train=32)
+    args = dict(epochs=1, lr=0.1, progress=False)
+    args.update(bad)
+    with pytest.raises(ConvfxError):
+        finetune(toy.make_model(), train, **args)
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)),
+                   batch_size=4, sampler=torch.utils.data.WeightedRandomSampler([1.0] * 8, 8)),
+        DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)), batch_size=None),
+        DataLoader(TensorDataset(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)),
+                   batch_size=4, drop_last=True),
+    ],
+    ids=["weighted-sampler", "no-batch-size", "no-steps"],
+)
+def test_finetune_rejects_unreproducible_loaders(loader: DataLoader) -> None:
+    with pytest.raises(ConvfxError):
+        finetune(toy.make_model(), loader, epochs=1, lr=0.1, progress=False)
+
+
+@pytest.mark.slow
+def test_resume_is_independent_of_loader_workers(tmp_path: Path) -> None:
+    """Augmentation is seeded per sample, so worker count and restart point do not matter."""
+    def run(ckpt: Path | None, workers: int, stop_at: int | None = None) -> dict[str, torch.Tensor]:
+        train, _ = toy.make_loaders(n_train=96, augment=True, num_workers=workers)
+        model = toy.make_model(dropout=0.2)
+
+        def callback(info: StepInfo) -> None:
+            if info.global_step == stop_at:
+                raise _Interrupt
+
+        finetune(model, train, epochs=2, lr=0.05, checkpoint_dir=ckpt, checkpoint_every=2,
+                 progress=False, callback=callback)
+        return model.state_dict()
+
+    ref = run(None, workers=2)
+    with pytest.raises(_Interrupt):
+        run(tmp_path, workers=2, stop_at=7)
+    assert _equal_states(run(tmp_path, workers=0), ref)
