@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -18,9 +19,12 @@ from torch import nn
 
 from passes.convs import Site, SkippedLayer, find_sites, set_submodule
 from passes.errors import ConvfxError
-from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, original_cost
-from passes.flops import annotate_macs, fvcore_macs, propagate_shapes
-from passes.ranks import RankSpec, select_ranks, validate_rank_spec
+from passes.allocate import Candidate, allocate, layer_candidates
+from passes.calibrate import Frontier, channel_stats, collect_moments, fit_factors
+from passes.decompose import relative_error
+from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, max_ranks, original_cost
+from passes.flops import annotate_macs, eval_mode, fvcore_macs, propagate_shapes
+from passes.ranks import RankSpec, layer_method, select_ranks, skip_reason, validate_rank_spec
 from passes.rewrite import factorize_sites
 from passes.trace import TraceResult, is_plain_conv, trace
 
@@ -149,6 +153,128 @@ def _site_row(site: Site, plan: FactorPlan | None, reason: str | None, err: floa
     )
 
 
+
+def _calibration_batches(calibration: Any, model: nn.Module, limit: int | None) -> list[tuple[Any, ...]]:
+    """Materialise calibration inputs once, on the model's device, whatever their source.
+
+    A DataLoader and a generator of the same batches give the same list, so they give
+    the same result. Items may be tensors or (input, label, ...) tuples.
+    """
+    if calibration is None:
+        return []
+    if isinstance(calibration, torch.Tensor):
+        raise ValueError("calibration: pass an iterable of batches (a DataLoader, a list or a generator), "
+                         "not a single tensor; wrap it as [tensor]")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"calibration_batches: expected a positive int, got {limit!r}")
+    ref = _param_ref(model)
+    device = ref.device if ref is not None else torch.device("cpu")
+    out: list[tuple[Any, ...]] = []
+    try:
+        iterator = iter(calibration)
+    except TypeError:
+        raise ValueError(f"calibration: expected an iterable of batches, got {type(calibration).__name__}") from None
+    for item in iterator:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"calibration: batch {len(out)} holds {type(x).__name__}, expected a tensor")
+        if ref is not None and x.is_floating_point():
+            x = x.to(device=device, dtype=ref.dtype)
+        out.append((x,))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError("calibration: the iterable yielded no batches")
+    return out
+
+
+def _round_plans(sites: list[Site], plans: dict[str, FactorPlan | str], rank: RankSpec,
+                 multiple: int) -> dict[str, FactorPlan | str]:
+    """Round non-explicit ranks up to ``multiple`` (capped at the full rank)."""
+    out = dict(plans)
+    for site in sites:
+        p = plans[site.fqn]
+        value = rank.get(site.fqn) if isinstance(rank, Mapping) else rank
+        if not isinstance(p, FactorPlan) or (isinstance(value, (int, tuple)) and not isinstance(value, bool)):
+            continue
+        limits = max_ranks(site.geometry, p.method)
+        ranks = tuple(min(lim, multiple * math.ceil(r / multiple)) for r, lim in zip(p.ranks, limits))
+        out[site.fqn] = FactorPlan(p.method, ranks)
+        for node in site.nodes:
+            node.meta["convfx_plan"] = out[site.fqn]
+    return out
+
+
+def _allocate(sites: list[Site], method: str, target: float, conv_before: int, ref: fx.GraphModule | None,
+              batches: list[tuple[Any, ...]], multiple: int) -> dict[str, FactorPlan | str]:
+    """The FLOP-budget allocation pass: per-layer error/MAC curves, then a global choice."""
+    stats = {}
+    if ref is not None and batches:
+        node_to_site = {n.name: s.fqn for s in sites for n in s.nodes if skip_reason(s.geometry) is None}
+        with eval_mode(ref):
+            stats = channel_stats(ref, node_to_site, batches)
+    curves = {}
+    fixed = conv_before
+    plans: dict[str, FactorPlan | str] = {}
+    for site in sites:
+        reason = skip_reason(site.geometry)
+        if reason is not None:
+            plans[site.fqn] = reason
+            continue
+        if not bool(torch.isfinite(site.weight).all()):
+            raise ConvfxError("weights contain NaN or inf; cannot factorize", where=site.fqn)
+        if site.geometry.linear:
+            plans[site.fqn] = "Linear layers are not part of the conv-MAC budget; give them a rank instead"
+            continue
+        in_shape = tuple(site.nodes[0].meta["convfx_in_shape"])
+        n_calls = len(site.nodes)
+        st = stats.get(site.fqn)
+        cands = layer_candidates(site, layer_method(site.geometry, method), in_shape,
+                                 st.c_in if st else None, st.c_out if st else None, multiple)
+        curves[site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2) for c in cands]
+        fixed -= cands[0].macs * n_calls
+    chosen = allocate(curves, int(math.floor(target * conv_before)), fixed)
+    for fqn, cand in chosen.items():
+        plans[fqn] = cand.plan if cand.plan is not None else "flops_target allocation kept it at full cost"
+    for site in sites:
+        for node in site.nodes:
+            node.meta["convfx_plan"] = plans[site.fqn]
+    return plans
+
+
+def _fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], plans: dict[str, FactorPlan],
+                      batches: list[tuple[Any, ...]], errors: dict[str, float], out_errors: dict[str, float],
+                      progress: bool) -> list[Any]:
+    """Fit and rewrite one layer at a time, each on the inputs of the compressed prefix."""
+    from tqdm.auto import tqdm
+
+    done = []
+    todo = [s for s in sites if s.fqn in plans]
+    ref_names = {n.name for n in ref.graph.nodes}
+    with eval_mode(gm), eval_mode(ref), torch.no_grad():
+        f_ref = [Frontier(ref, b) for b in batches]
+        f_cur = [Frontier(gm, b) for b in batches]
+        for site in tqdm(todo, desc="calibrating", disable=not progress or None, leave=False):
+            plan = plans[site.fqn]
+            name = site.nodes[0].name
+            if name not in ref_names:
+                raise ConvfxError("cannot match this layer between the original and compressed graphs",
+                                  where=site.fqn)
+            if len(site.nodes) > 1:  # shared layer: fit from its weights only
+                ws, errors[site.fqn] = decompose_weights(site.weight, site.bias, site.geometry, plan)
+                done += factorize_sites(gm, [site], {site.fqn: plan}, lambda _s, _p, ws=ws: ws)
+                continue
+            st = collect_moments(f_ref, f_cur, name, site.geometry)
+            cp_init = None
+            if plan.method == "cp":
+                cp_init, _ = decompose_weights(site.weight, site.bias, site.geometry, plan)
+            ws, w_hat, out_err = fit_factors(site.weight, site.geometry, plan.method, plan.ranks, st, cp_init)
+            errors[site.fqn] = relative_error(site.weight, w_hat)
+            out_errors[site.fqn] = out_err
+            done += factorize_sites(gm, [site], {site.fqn: plan}, lambda _s, _p, ws=ws: ws)
+    return done
+
+
 def compress(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -157,6 +283,11 @@ def compress(
     rank: RankSpec = "vbmf",
     filter_fn: FilterFn | None = None,
     inplace: bool = False,
+    calibration: Any = None,
+    flops_target: float | None = None,
+    rank_multiple: int = 1,
+    calibration_batches: int | None = None,
+    progress: bool = True,
 ) -> fx.GraphModule:
     """Replace the convolutions of ``model`` by low-rank factorizations.
 
@@ -174,6 +305,16 @@ def compress(
         filter_fn: ``filter_fn(module, fqn) -> bool`` selecting layers; default: every
             ``nn.Conv2d``. Return True for an ``nn.Linear`` to factorize it by SVD.
         inplace: reuse (and modify) ``model``'s modules instead of working on a copy.
+        calibration: a DataLoader or any iterable of batches (tensors, or tuples whose
+            first item is the input). Factors are then fitted to reproduce each layer's
+            outputs on these activations, layer by layer on the already-compressed prefix.
+            A few hundred to a few thousand images suffice; memory is O(D²) per layer.
+        flops_target: a fraction f in (0, 1]: ranks are allocated across layers so that the
+            conv MACs (fvcore count) are at most f × the original's. Replaces ``rank``.
+        rank_multiple: round automatic, fractional and allocated ranks up to a multiple of
+            this (8 or 16 help real kernels); explicit integer ranks are kept as given.
+        calibration_batches: use at most this many calibration batches.
+        progress: show a progress bar while fitting layers.
 
     Example:
         >>> import torchvision
@@ -184,8 +325,17 @@ def compress(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     _validate(method, rank, filter_fn)
+    if flops_target is not None:
+        if isinstance(flops_target, bool) or not isinstance(flops_target, (int, float)) \
+                or not 0.0 < float(flops_target) <= 1.0:
+            raise ValueError(f"flops_target: expected a fraction in (0, 1], got {flops_target!r}")
+        if rank != "vbmf":
+            raise ValueError("rank: pass either rank or flops_target, not both (flops_target allocates ranks)")
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple: expected a positive int, got {rank_multiple!r}")
     t0 = time.perf_counter()
     inputs, assumptions = _resolve_inputs(model, example_inputs)
+    batches = _calibration_batches(calibration, model, calibration_batches)
     src = model if inplace else copy.deepcopy(model)
     select = filter_fn or default_filter
 
@@ -214,20 +364,32 @@ def compress(
             continue
         chosen.append(site)
 
-    plans = select_ranks(chosen, method, rank)
+    ref = trace(model).gm if batches else None
+    if flops_target is not None:
+        plans = _allocate(chosen, method, float(flops_target), conv_before, ref, batches, rank_multiple)
+    else:
+        plans = select_ranks(chosen, method, rank)
+        if rank_multiple > 1:
+            plans = _round_plans(chosen, plans, rank, rank_multiple)
     errors: dict[str, float] = {}
-
-    def weights(site: Site, plan: FactorPlan) -> list[torch.Tensor]:
-        ws, err = decompose_weights(site.weight, site.bias, site.geometry, plan)
-        errors[site.fqn] = err
-        return ws
-
+    out_errors: dict[str, float] = {}
     to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
-    done = factorize_sites(gm, chosen, to_do, weights)
+    if batches and ref is not None:
+        done = _fit_sequentially(gm, ref, chosen, to_do, batches, errors, out_errors, progress)
+    else:
+        def weights(site: Site, plan: FactorPlan) -> list[torch.Tensor]:
+            ws, err = decompose_weights(site.weight, site.bias, site.geometry, plan)
+            errors[site.fqn] = err
+            return ws
+
+        done = factorize_sites(gm, chosen, to_do, weights)
     for site in chosen:
         p = plans[site.fqn]
         plan = p if isinstance(p, FactorPlan) else None
-        rows.append(_site_row(site, plan, None if plan else str(p), errors.get(site.fqn)))
+        row = _site_row(site, plan, None if plan else str(p), errors.get(site.fqn),
+                        "data" if site.fqn in out_errors else "weights")
+        row.output_error = out_errors.get(site.fqn)
+        rows.append(row)
     for s in skipped:
         rows.append(LayerReport(s.fqn, s.kind, (), None, None, None, None, 0, 0, 0, 0, None, skipped=s.reason))
     rows.extend(LayerReport(s.fqn, "conv", tuple(_owner(src, gm, s.fqn).weight.shape), None, None, None, None,
@@ -251,9 +413,14 @@ def compress(
         total_macs_before=total_before, total_macs_after=total_after,
         params_before=params_before, params_after=_count_params(gm),
         input_shapes=[tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
-        method=method, rank=str(rank if not isinstance(rank, Mapping) else f"dict[{len(rank)}]"),
+        method=method,
+        rank=(f"flops_target={flops_target}" if flops_target is not None
+              else str(rank if not isinstance(rank, Mapping) else f"dict[{len(rank)}]")),
         assumptions=assumptions, seconds=time.perf_counter() - t0,
     )
+    if batches:
+        n_img = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor))
+        report.notes.append(f"factors fitted on {len(batches)} calibration batch(es), {n_img} input(s)")
     if traced.leaf_fallbacks:
         report.notes.extend(f"{k!r} kept as an untraced leaf: {v}" for k, v in traced.leaf_fallbacks.items())
     gm.convfx_report = report  # type: ignore[assignment]

@@ -40,6 +40,7 @@ class LayerReport:
     rel_error: float | None
     skipped: str | None = None  # reason, when left alone
     fit: str = "weights"  # "weights" (data-free) or "data" (calibrated)
+    output_error: float | None = None  # relative output error on calibration data (data fits)
 
     @property
     def factorized(self) -> bool:

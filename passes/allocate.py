@@ -1,0 +1,165 @@
+"""FLOP-budgeted rank allocation across layers.
+
+Every layer gets a curve of candidate plans — (MACs, predicted relative output error²) —
+including "leave it as it is" (original MACs, zero error). The allocation keeps each
+curve's lower convex hull and greedily takes the step with the smallest error increase
+per MAC saved until the conv-MAC budget is met. MACs come from the same per-conv
+formulas fvcore uses, so the budget holds when fvcore counts the result.
+
+Predicted errors come from spectra, weighted by data when there is any:
+
+* tucker (r_out, r_in): tail energy of the output covariance beyond r_out plus tail energy
+  of the input-covariance-whitened mode-1 unfolding beyond r_in (relative);
+* svd (r): tail energy of the whitened weight matrix beyond r;
+* cp (R): the tucker error at ranks (min(R, C_out), min(R, C_in)) — a lower bound, since a
+  rank-R CP has multilinear ranks ≤ R; CP layers are therefore allocated optimistically.
+
+Without data the input covariance is the identity and the output covariance W Wᵀ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .convs import Site
+from .decompose import unfold
+from .factors import FactorPlan, factor_cost, original_cost
+
+__all__ = ["Candidate", "layer_candidates", "allocate", "rank_grid"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    plan: FactorPlan | None  # None: keep the original layer
+    macs: int
+    err2: float
+
+
+def rank_grid(full: int, multiple: int = 1, points: int = 28) -> list[int]:
+    """Candidate ranks 1..full, denser at the low end, rounded up to ``multiple``."""
+    vals = {full}
+    for i in range(1, points + 1):
+        r = max(1, math.ceil(full * (i / points) ** 1.5))
+        if multiple > 1:
+            r = min(full, multiple * math.ceil(r / multiple))
+        vals.add(r)
+    return sorted(vals)
+
+
+def _tail_fractions(evals: Tensor) -> Tensor:
+    """tail[r] = energy beyond the top r eigenvalues / total, for r = 0..n."""
+    e = torch.sort(evals.clamp_min(0), descending=True).values
+    total = float(e.sum())
+    if total <= 0:
+        return torch.zeros(e.numel() + 1, dtype=torch.float64)
+    cum = torch.cat([e.new_zeros(1), torch.cumsum(e, 0)])
+    return ((total - cum) / total).to(torch.float64).cpu()
+
+
+def _sqrt_psd(c: Tensor) -> Tensor:
+    evals, evecs = torch.linalg.eigh(c)
+    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+
+
+def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: Tensor | None,
+                     c_out: Tensor | None, multiple: int = 1) -> list[Candidate]:
+    """All candidate plans for one layer with their MACs and predicted error²."""
+    g = site.geometry
+    w = site.weight.detach().to(torch.float64)
+    cout = g.out_channels
+    base = original_cost(g, in_shape)[0]
+    cands = [Candidate(None, base, 0.0)]
+    root = _sqrt_psd(c_in.to(w.device)) if c_in is not None else None
+    if method == "svd":
+        wm = w.reshape(cout, -1)
+        if root is not None:
+            kk = wm.shape[1] // root.shape[0]
+            wm = (wm.reshape(cout, root.shape[0], kk).transpose(1, 2) @ root).transpose(1, 2).reshape(cout, -1)
+        tail = _tail_fractions(torch.linalg.eigvalsh(wm @ wm.T) if wm.shape[0] <= wm.shape[1]
+                               else torch.linalg.eigvalsh(wm.T @ wm))
+        full = min(cout, wm.shape[1])
+        for r in rank_grid(full, multiple):
+            plan = FactorPlan("svd", (r,))
+            cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], float(tail[min(r, tail.numel() - 1)])))
+        return cands
+    w1 = unfold(w, 1)
+    m_in = root @ w1 @ w1.T @ root if root is not None else w1 @ w1.T
+    tail_in = _tail_fractions(torch.linalg.eigvalsh((m_in + m_in.T) / 2))
+    c_y = c_out.to(w.device) if c_out is not None else unfold(w, 0) @ unfold(w, 0).T
+    tail_out = _tail_fractions(torch.linalg.eigvalsh((c_y + c_y.T) / 2))
+    if method == "tucker":
+        for ro in rank_grid(cout, multiple):
+            for ri in rank_grid(g.in_channels, multiple):
+                plan = FactorPlan("tucker", (ro, ri))
+                cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0],
+                                       float(tail_out[ro]) + float(tail_in[ri])))
+        return cands
+    kh, kw = g.kernel_size
+    full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
+    for r in rank_grid(full, multiple):
+        plan = FactorPlan("cp", (r,))
+        err2 = float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)])
+        cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], err2))
+    return cands
+
+
+def _hull(cands: list[Candidate]) -> list[Candidate]:
+    """Lower-left convex hull, from most MACs (least error) to fewest MACs."""
+    pareto: list[Candidate] = []
+    for c in sorted(cands, key=lambda c: (c.macs, c.err2)):  # cheaper first
+        if not pareto or c.err2 < pareto[-1].err2:
+            pareto.append(c)
+    hull: list[Candidate] = []
+    for c in pareto:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # keep b only if it lies strictly below the segment a-c
+            cross = (b.macs - a.macs) * (c.err2 - a.err2) - (b.err2 - a.err2) * (c.macs - a.macs)
+            if cross <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(c)
+    return hull[::-1]
+
+
+def allocate(curves: dict[str, list[Candidate]], budget: int, fixed: int) -> dict[str, Candidate]:
+    """Pick one candidate per layer so that ``fixed + Σ MACs ≤ budget``, minimising Σ err².
+
+    Raises ``ValueError`` naming ``flops_target`` when even the cheapest plans exceed it.
+    """
+    hulls = {k: _hull(v) for k, v in curves.items()}
+    floor = fixed + sum(min(c.macs for c in v) for v in curves.values())
+    if floor > budget:
+        raise ValueError(f"flops_target: unreachable; the fewest conv MACs convfx can reach here is "
+                         f"{floor:,} but the target allows {budget:,}")
+    pos = {k: 0 for k in hulls}
+    total = fixed + sum(h[0].macs for h in hulls.values())
+    while total > budget:
+        best, best_slope = None, math.inf
+        for k, h in hulls.items():
+            i = pos[k]
+            if i + 1 < len(h):
+                saved = h[i].macs - h[i + 1].macs
+                slope = (h[i + 1].err2 - h[i].err2) / max(saved, 1)
+                if slope < best_slope:
+                    best, best_slope = k, slope
+        if best is None:
+            break
+        total -= hulls[best][pos[best]].macs - hulls[best][pos[best] + 1].macs
+        pos[best] += 1
+    chosen = {k: hulls[k][pos[k]] for k in hulls}
+    # Spend what the last coarse hull step left over: upgrade layers to costlier
+    # Pareto points that still fit, least error first.
+    slack = budget - total
+    for k in sorted(curves, key=lambda k: -chosen[k].err2):
+        cur = chosen[k]
+        better = [c for c in curves[k] if c.err2 < cur.err2 and c.macs - cur.macs <= slack]
+        if better:
+            pick = min(better, key=lambda c: c.err2)
+            slack -= pick.macs - cur.macs
+            chosen[k] = pick
+    return chosen

@@ -1,0 +1,336 @@
+"""Data-aware factor fitting: match each layer's outputs on calibration activations.
+
+For a layer ``y = W x`` (a conv seen through its im2col patches, or a Linear), the fit
+minimises ``Σ ‖W x_o − Ŵ x_c‖²`` where ``x_o`` is the layer's input in the original
+model and ``x_c`` its input in the model compressed so far. Targets from the original
+model let each layer correct the error its predecessors left. Only second moments are
+kept (``C_cc = Σ x_c x_cᵀ``, ``C_oc = Σ x_o x_cᵀ``, ``C_oo = Σ x_o x_oᵀ``), streamed
+batch by batch, so memory is O(D²) per layer with D = C_in·k_h·k_w, whatever the
+number of images.
+
+Fits:
+
+* ``svd`` / Linear — reduced-rank regression: the exact minimiser at rank r (SVD of the
+  least-squares solution in the metric of the input covariance).
+* ``tucker`` — the output factor spans the principal subspace of the target outputs, the
+  input factor is the input-covariance-whitened leading subspace of the mode-1
+  unfolding, and the core (then the output factor) are refitted by least squares.
+* ``cp`` — data-free CP-ALS for the first three factors, then a least-squares refit of
+  the last 1x1 conv on the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .convs import ConvGeometry
+from .decompose import unfold
+
+__all__ = [
+    "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
+    "channel_stats",
+]
+
+_RIDGE = 1e-8
+
+
+def _explicit_padding(geom: ConvGeometry) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding equal to what the conv does."""
+    if geom.padding == "valid":
+        return (0, 0, 0, 0)
+    if geom.padding == "same":
+        out = []
+        for d, k in zip(geom.dilation[::-1], geom.kernel_size[::-1]):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return (out[0], out[1], out[2], out[3])
+    ph, pw = geom.padding  # type: ignore[misc]
+    return (pw, pw, ph, ph)
+
+
+def _padded(x: Tensor, geom: ConvGeometry) -> Tensor:
+    pad = _explicit_padding(geom)
+    if any(pad):
+        mode = "constant" if geom.padding_mode == "zeros" else geom.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    return x
+
+
+def patches(x: Tensor, geom: ConvGeometry) -> Tensor:
+    """The layer's input as rows of D features: im2col patches for convs, rows for Linears."""
+    if geom.linear:
+        return x.reshape(-1, x.shape[-1])
+    cols = F.unfold(_padded(x, geom), geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def sample_positions(x: Tensor, geom: ConvGeometry, rows: int, gen: torch.Generator) -> Tensor | None:
+    """Random output positions (flat indices) to keep, or None to keep them all."""
+    if geom.linear:
+        total = x.reshape(-1, x.shape[-1]).shape[0]
+    else:
+        xp_h = x.shape[2] + sum(_explicit_padding(geom)[2:])
+        xp_w = x.shape[3] + sum(_explicit_padding(geom)[:2])
+        oh = (xp_h - geom.dilation[0] * (geom.kernel_size[0] - 1) - 1) // geom.stride[0] + 1
+        ow = (xp_w - geom.dilation[1] * (geom.kernel_size[1] - 1) - 1) // geom.stride[1] + 1
+        total = x.shape[0] * oh * ow
+    if total <= rows:
+        return None
+    return torch.randperm(total, generator=gen)[:rows].sort().values
+
+
+def sampled_patches(x: Tensor, geom: ConvGeometry, idx: Tensor | None) -> Tensor:
+    """``patches(x, geom)[idx]`` without building the full im2col matrix."""
+    if idx is None:
+        return patches(x, geom)
+    if geom.linear:
+        return x.reshape(-1, x.shape[-1])[idx.to(x.device)]
+    xp = _padded(x, geom)
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    idx = idx.to(x.device)
+    n, rem = idx // (oh * ow), idx % (oh * ow)
+    i0, j0 = (rem // ow) * sh, (rem % ow) * sw
+    hi = i0[:, None] + dh * torch.arange(kh, device=x.device)  # (rows, kh)
+    wi = j0[:, None] + dw * torch.arange(kw, device=x.device)  # (rows, kw)
+    out = xp.permute(0, 2, 3, 1)[n[:, None, None], hi[:, :, None], wi[:, None, :]]  # rows, kh, kw, C
+    return out.permute(0, 3, 1, 2).reshape(idx.shape[0], -1)
+
+
+@dataclass
+class MomentStats:
+    """Streaming second moments of (original, current) layer inputs, in float64."""
+
+    dim: int
+    device: torch.device
+    c_cc: Tensor = field(init=False)
+    c_oc: Tensor = field(init=False)
+    c_oo: Tensor = field(init=False)
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        z = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self.c_cc, self.c_oc, self.c_oo = z, z.clone(), z.clone()
+
+    def add(self, p_o: Tensor, p_c: Tensor) -> None:
+        """Accumulate one batch of patch rows (same rows, original and current inputs)."""
+        self.c_cc += (p_c.T @ p_c).to(torch.float64)
+        self.c_oc += (p_o.T @ p_c).to(torch.float64)
+        self.c_oo += (p_o.T @ p_o).to(torch.float64)
+        self.rows += p_o.shape[0]
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel input covariance and output covariance of a layer (for allocation)."""
+
+    c_in: Tensor  # (C_in, C_in)
+    c_out: Tensor  # (C_out, C_out)
+
+
+def _ridge(c: Tensor) -> Tensor:
+    lam = _RIDGE * float(torch.diagonal(c).mean().clamp_min(1e-30))
+    return c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+
+
+def _sym_sqrt(c: Tensor) -> tuple[Tensor, Tensor]:
+    """(C^{1/2}, C^{-1/2}) of a symmetric PSD matrix, regularised."""
+    evals, evecs = torch.linalg.eigh(_ridge(c))
+    evals = evals.clamp_min(float(evals.max()) * 1e-12)
+    root = evals.sqrt()
+    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+
+
+def output_error(w: Tensor, w_hat: Tensor, st: MomentStats) -> float:
+    """Relative output error ‖W X_o − Ŵ X_c‖ / ‖W X_o‖ computed from the moments."""
+    w = w.to(torch.float64)
+    w_hat = w_hat.to(torch.float64)
+    ref = float(torch.einsum("ij,jk,ik->", w, st.c_oo, w))
+    err = ref - 2 * float(torch.einsum("ij,jk,ik->", w, st.c_oc, w_hat)) + float(
+        torch.einsum("ij,jk,ik->", w_hat, st.c_cc, w_hat))
+    return (max(err, 0.0) / ref) ** 0.5 if ref > 0 else 0.0
+
+
+def _reduced_rank(w: Tensor, st: MomentStats, r: int) -> tuple[Tensor, Tensor]:
+    """argmin_{rank Ŵ ≤ r} Σ‖W x_o − Ŵ x_c‖², as Ŵ = a @ b with balanced scales."""
+    c = _ridge(st.c_cc)
+    w_ls = torch.linalg.solve(c, (w @ st.c_oc).T).T  # W C_oc C_cc^{-1}
+    chol = torch.linalg.cholesky(c)  # C = L Lᵀ
+    u, s, vh = torch.linalg.svd(w_ls @ chol, full_matrices=False)
+    r = min(r, s.numel())
+    root = s[:r].clamp_min(float(s[0]) * 1e-12 if s.numel() else 1.0).sqrt()
+    a = u[:, :r] * root
+    # b = S^{1/2} V_rᵀ L^{-1}  (solve Lᵀ bᵀ = V_r S^{1/2})
+    b = torch.linalg.solve_triangular(chol.T, (vh[:r].T * root), upper=True).T
+    return a, b
+
+
+def _channel_cov(st: MomentStats, cin: int) -> Tensor:
+    kk = st.dim // cin
+    c = st.c_cc.reshape(cin, kk, cin, kk)
+    return torch.diagonal(c, dim1=1, dim2=3).mean(-1)
+
+
+def _tucker_fit(w4: Tensor, geom: ConvGeometry, st: MomentStats, ranks: tuple[int, int],
+                n_refit: int = 2) -> list[Tensor]:
+    cout, cin, kh, kw = w4.shape
+    r_out, r_in = ranks
+    wm = w4.reshape(cout, -1)
+    # Output factor: principal subspace of the target outputs y = W x_o.
+    c_yy = wm @ st.c_oo @ wm.T
+    evals, evecs = torch.linalg.eigh(c_yy)
+    u_out = evecs[:, torch.argsort(evals, descending=True)[:r_out]]
+    # Input factor: leading subspace of the mode-1 unfolding in the input-covariance metric.
+    root, inv_root = _sym_sqrt(_channel_cov(st, cin))
+    w1 = unfold(w4, 1)  # (C_in, C_out k k)
+    m = root @ w1 @ w1.T @ root
+    ev, vec = torch.linalg.eigh((m + m.T) / 2)
+    v = vec[:, torch.argsort(ev, descending=True)[:r_in]]
+    p = v.T @ inv_root  # first 1x1 conv: (r_in, C_in)
+    t = torch.kron(p, torch.eye(kh * kw, dtype=p.dtype, device=p.device))  # patches → core patches
+    c_zz = _ridge(t @ st.c_cc @ t.T)
+    c_yz = wm @ st.c_oc @ t.T  # Σ y* zᵀ
+    g = torch.linalg.solve(c_zz, (u_out.T @ c_yz).T).T  # core given an orthonormal u_out
+    for _ in range(n_refit):
+        # output factor given the core, then the core given the output factor
+        h_cov = _ridge(g @ c_zz @ g.T)
+        u_out = torch.linalg.solve(h_cov, (c_yz @ g.T).T).T
+        gram = _ridge(u_out.T @ u_out)
+        g = torch.linalg.solve(gram, torch.linalg.solve(c_zz, (u_out.T @ c_yz).T).T)
+    return [p.reshape(r_in, cin, 1, 1), g.reshape(r_out, r_in, kh, kw), u_out.reshape(cout, r_out, 1, 1)]
+
+
+def _cp_last_refit(w4: Tensor, st: MomentStats, first: Tensor, vert: Tensor, horiz: Tensor) -> Tensor:
+    r = first.shape[0]
+    k = torch.einsum("rc,rh,rw->rchw", first[:, :, 0, 0], vert[:, 0, :, 0], horiz[:, 0, 0, :]).reshape(r, -1)
+    wm = w4.reshape(w4.shape[0], -1)
+    c_hh = _ridge(k @ st.c_cc @ k.T)
+    last = torch.linalg.solve(c_hh, (wm @ st.c_oc @ k.T).T).T
+    return last.reshape(w4.shape[0], r, 1, 1)
+
+
+def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[int, ...],
+                st: MomentStats, cp_init: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor, float]:
+    """Data-aware factor weights for one layer.
+
+    Returns ``(weights per factor, Ŵ as a full kernel, relative output error)``. ``cp_init``
+    carries data-free CP factors when ``method == "cp"``.
+    """
+    w = weight.detach().to(torch.float64)
+    cout = w.shape[0]
+    if method == "svd":
+        a, b = _reduced_rank(w.reshape(cout, -1), st, ranks[0])
+        w_hat = (a @ b).reshape(w.shape)
+        out = [b, a] if geom.linear else [b.reshape(b.shape[0], *w.shape[1:]), a.reshape(cout, -1, 1, 1)]
+    elif method == "tucker":
+        out = _tucker_fit(w, geom, st, (ranks[0], ranks[1]))
+        p, g, u = out
+        w_hat = torch.einsum("abhw,oa,bi->oihw", g, u[:, :, 0, 0], p[:, :, 0, 0])
+    else:
+        assert cp_init is not None
+        first, vert, horiz = (t.to(torch.float64) for t in cp_init[:3])
+        last = _cp_last_refit(w, st, first, vert, horiz)
+        out = [first, vert, horiz, last]
+        w_hat = torch.einsum("rc,rh,rw,or->ochw", first[:, :, 0, 0], vert[:, 0, :, 0], horiz[:, 0, 0, :],
+                             last[:, :, 0, 0])
+    err = output_error(w.reshape(cout, -1), w_hat.reshape(cout, -1), st)
+    return [t.to(weight.dtype).contiguous() for t in out], w_hat.to(weight.dtype), err
+
+
+class Frontier:
+    """Runs one batch through a graph step by step, pausing before chosen nodes.
+
+    Sequential calibration advances the original and the compressed graph together,
+    layer by layer, so each layer's inputs are computed once (O(layers) work, not the
+    O(layers²) of re-running prefixes). Only values still needed downstream are kept.
+    The compressed graph may be rewritten while paused: execution resumes after the last
+    node run, which is where the rewrite inserts a layer's factors.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, batch: tuple[object, ...]) -> None:
+        self.interp = torch.fx.Interpreter(gm)
+        self.interp.args_iter = iter(batch)
+        self.last: torch.fx.Node = gm.graph._root  # type: ignore[attr-defined]
+        self.done: set[torch.fx.Node] = set()
+
+    def _run(self, node: torch.fx.Node) -> None:
+        env = self.interp.env
+        env[node] = self.interp.run_node(node)
+        self.done.add(node)
+        for a in node.all_input_nodes:
+            if a in env and all(u in self.done for u in a.users):
+                del env[a]
+
+    def run_until(self, name: str) -> Tensor:
+        """Run up to (not including) the node called ``name``; return its first input."""
+        node = self.last.next
+        while node.op != "root":
+            if node.name == name:
+                first = node.args[0] if node.args else node.kwargs["input"]
+                return self.interp.env[first]  # type: ignore[index,return-value]
+            self._run(node)
+            self.last = node
+            node = node.next
+        raise RuntimeError(f"node {name!r} was not reached")
+
+
+def collect_moments(ref: list[Frontier], cur: list[Frontier], node_name: str, geom: ConvGeometry,
+                    rows_per_batch: int = 4096, seed: int = 0) -> MomentStats:
+    """Stream the moments of one layer's inputs: original model vs the compressed prefix.
+
+    At most ``rows_per_batch`` random output positions per batch enter the moments (the
+    same positions for both models), which bounds the cost on large feature maps.
+    """
+    st: MomentStats | None = None
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for f_o, f_c in zip(ref, cur):
+            x_o, x_c = f_o.run_until(node_name), f_c.run_until(node_name)
+            idx = sample_positions(x_o, geom, rows_per_batch, gen)
+            p_o, p_c = sampled_patches(x_o, geom, idx), sampled_patches(x_c, geom, idx)
+            if st is None:
+                st = MomentStats(p_o.shape[1], p_o.device)
+            st.add(p_o, p_c)
+    assert st is not None
+    return st
+
+
+class _ChannelRecorder(torch.fx.Interpreter):
+    """One full pass that accumulates per-site channel statistics for rank allocation."""
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: dict[str, str], stats: dict[str, list[Tensor]]) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.sites = sites  # node name -> site fqn
+        self.stats = stats
+
+    def run_node(self, n: torch.fx.Node) -> object:
+        out = super().run_node(n)
+        fqn = self.sites.get(n.name)
+        if fqn is not None:
+            first = n.args[0] if n.args else n.kwargs["input"]
+            x = self.env[first]  # type: ignore[index]
+            xin = (x.reshape(-1, x.shape[-1]) if x.dim() == 2 else x.transpose(0, 1).reshape(x.shape[1], -1).T)
+            y = out  # type: ignore[assignment]
+            yo = (y.reshape(-1, y.shape[-1]) if y.dim() == 2 else y.transpose(0, 1).reshape(y.shape[1], -1).T)
+            xd, yd = xin.to(torch.float64), yo.to(torch.float64)
+            yd = yd - yd.mean(0)  # the bias is kept; only the varying part needs rank
+            acc = self.stats.setdefault(fqn, [xd.new_zeros(xd.shape[1], xd.shape[1]),
+                                              yd.new_zeros(yd.shape[1], yd.shape[1])])
+            acc[0] += xd.T @ xd
+            acc[1] += yd.T @ yd
+        return out
+
+
+def channel_stats(ref: torch.fx.GraphModule, node_to_site: dict[str, str],
+                  batches: list[tuple[object, ...]]) -> dict[str, ChannelStats]:
+    """Input-channel and output-channel covariances of every site on the original model."""
+    acc: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for batch in batches:
+            _ChannelRecorder(ref, node_to_site, acc).run(*batch)
+    return {k: ChannelStats(v[0], v[1]) for k, v in acc.items()}

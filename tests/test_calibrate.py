@@ -1,0 +1,130 @@
+"""Data-aware fitting and FLOP-budgeted allocation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import convfx
+from convfx.zoo import cifar_resnet
+from passes.allocate import Candidate, allocate
+
+F64 = torch.float64
+
+
+def _correlated_images(n: int, c: int, hw: int, rank: int, seed: int) -> torch.Tensor:
+    """Images whose channels live near a low-dimensional subspace, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(c, rank, generator=g)
+    base = torch.randn(n, rank, hw, hw, generator=g)
+    x = torch.einsum("cr,nrhw->nchw", mix, base) + 0.05 * torch.randn(n, c, hw, hw, generator=g)
+    return x
+
+
+def _two_convs(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1)).eval()
+
+
+def _rel_out_err(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    return float((ya - yb).norm() / ya.norm())
+
+
+@pytest.mark.parametrize("method,rank,margin", [("tucker", (6, 4), 0.8), ("svd", 5, 0.8), ("cp", 8, 0.95)])
+def test_data_aware_beats_data_free_at_equal_ranks(method: str, rank: object, margin: float) -> None:
+    model = _two_convs()
+    calib = _correlated_images(64, 16, 8, rank=4, seed=1)
+    held_out = _correlated_images(96, 16, 8, rank=4, seed=1)[64:]  # same distribution, unseen
+    x = calib[:1]
+    free = convfx.compress(model, x, method=method, rank=rank)
+    aware = convfx.compress(model, x, method=method, rank=rank, calibration=[calib[:32], calib[32:]])
+    assert [r.ranks for r in free.convfx_report.factorized] == [r.ranks for r in aware.convfx_report.factorized]
+    e_free, e_aware = _rel_out_err(model, free, held_out), _rel_out_err(model, aware, held_out)
+    assert e_aware < margin * e_free, (e_aware, e_free)  # CP refits only its last factor
+    assert all(r.fit == "data" and r.output_error is not None for r in aware.convfx_report.factorized)
+
+
+def test_calibrated_full_rank_is_still_exact() -> None:
+    model = _two_convs().to(F64)
+    calib = _correlated_images(16, 16, 8, rank=16, seed=2).to(F64)
+    gm = convfx.compress(model, calib[:1], rank=1.0, calibration=[calib])
+    assert _rel_out_err(model, gm, calib) < 1e-5
+
+
+def test_generator_and_dataloader_give_the_same_result() -> None:
+    model = _two_convs()
+    data = _correlated_images(40, 16, 8, rank=4, seed=3)
+    labels = torch.zeros(40, dtype=torch.long)
+    loader = DataLoader(TensorDataset(data, labels), batch_size=10, shuffle=False)
+    gen = ((data[i:i + 10], labels[i:i + 10]) for i in range(0, 40, 10))
+    a = convfx.compress(model, data[:1], rank=(6, 4), calibration=loader)
+    b = convfx.compress(model, data[:1], rank=(6, 4), calibration=gen)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+@pytest.mark.parametrize("name,target", [("cifar_resnet20", 0.5), ("cifar_resnet20", 0.33), ("resnet18", 0.5),
+                                         ("vgg_small", 0.5), ("vgg_small", 0.33)])
+def test_flops_target_lands_within_tolerance(name: str, target: float) -> None:
+    torch.manual_seed(0)
+    if name == "cifar_resnet20":
+        model, x = cifar_resnet(20).eval(), torch.randn(1, 3, 32, 32)
+    elif name == "resnet18":
+        model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 10, 1)).eval()
+        x = torch.randn(1, 3, 32, 32)
+    before = convfx.analyze(model, x).conv_macs
+    gm = convfx.compress(model, x, flops_target=target, rank_multiple=1)
+    after = convfx.analyze(gm, x).conv_macs
+    assert after <= target * before
+    assert after >= (target - 0.01) * before, (after / before)
+    for row in gm.convfx_report.factorized:
+        assert min(row.ranks) >= 1
+
+
+def test_flops_target_with_calibration_and_rank_multiple() -> None:
+    model = cifar_resnet(20).eval()
+    calib = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+    x = torch.randn(1, 3, 32, 32)
+    gm = convfx.compress(model, x, flops_target=0.5, calibration=calib, rank_multiple=4)
+    before = convfx.analyze(model, x).conv_macs
+    assert convfx.analyze(gm, x).conv_macs <= 0.5 * before
+    for row in gm.convfx_report.factorized:
+        full = (row.shape[0], row.shape[1]) if row.method == "tucker" else (min(row.shape[0], row.shape[1]),)
+        assert all(r % 4 == 0 or r == f for r, f in zip(row.ranks, full)), row
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, "half", True])
+def test_flops_target_validation(bad: object) -> None:
+    with pytest.raises(ValueError, match="flops_target"):
+        convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), flops_target=bad)
+
+
+def test_flops_target_unreachable_and_exclusive_with_rank() -> None:
+    # a depthwise-heavy model cannot be cut by 100x
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 16, 1))
+    with pytest.raises(ValueError, match="flops_target.*unreachable"):
+        convfx.compress(model, torch.randn(1, 16, 8, 8), flops_target=0.01)
+    with pytest.raises(ValueError, match="rank"):
+        convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), flops_target=0.5, rank=0.5)
+
+
+def test_allocation_prefers_cheap_error_and_respects_budget() -> None:
+    flat = [Candidate(None, 100, 0.0), Candidate(None, 50, 0.01), Candidate(None, 10, 0.5)]
+    steep = [Candidate(None, 100, 0.0), Candidate(None, 50, 0.4), Candidate(None, 10, 0.9)]
+    chosen = allocate({"flat": flat, "steep": steep}, budget=150, fixed=0)
+    assert chosen["flat"].macs == 50 and chosen["steep"].macs == 100
+    with pytest.raises(ValueError, match="flops_target"):
+        allocate({"flat": flat}, budget=5, fixed=0)
+
+
+@pytest.mark.parametrize("bad", [torch.randn(2, 16, 8, 8), 3, [], [("x",)]])
+def test_bad_calibration_inputs(bad: object) -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), rank=0.5, calibration=bad)
