@@ -8,8 +8,15 @@ MAC convention: 1 multiply-add = 1 (fvcore). GFLOPs = 2 x MACs.
 """
 from passes.errors import ConvfxError
 
+from . import data, zoo
 from .api import Analysis, LayerStats, analyze, compress
 from .report import LayerReport, Report
+from .serialize import load, load_state_dict, save, save_state_dict
+from .train import evaluate, finetune, recalibrate_bn
 
-__all__ = ["compress", "analyze", "Analysis", "LayerStats", "Report", "LayerReport", "ConvfxError"]
+__all__ = [
+    "compress", "analyze", "Analysis", "LayerStats", "Report", "LayerReport", "ConvfxError",
+    "save", "load", "save_state_dict", "load_state_dict", "evaluate", "finetune", "recalibrate_bn",
+    "zoo", "data",
+]
 __version__ = "0.1.0"
