@@ -18,10 +18,10 @@ demo: install
 	$(PYTHON) -m convfx.cli demo --out out/demo
 
 test: install
-	$(PYTHON) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q
 
 test-slow: install
-	$(PYTHON) -m pytest -q -m slow
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q -m slow
 
 bench-flops: install
 	$(PYTHON) benchmarks/flops.py --shared-data ../shared/data --out benchmarks/results/flops.md
