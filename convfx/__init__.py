@@ -13,10 +13,14 @@ from .api import Analysis, LayerStats, analyze, compress
 from .report import LayerReport, Report
 from .serialize import load, load_state_dict, save, save_state_dict
 from .train import evaluate, finetune, recalibrate_bn
+from . import backend as _backend
+from .export import export
+
+_backend.register()  # torch.compile(model, backend="convfx")
 
 __all__ = [
     "compress", "analyze", "Analysis", "LayerStats", "Report", "LayerReport", "ConvfxError",
     "save", "load", "save_state_dict", "load_state_dict", "evaluate", "finetune", "recalibrate_bn",
-    "zoo", "data",
+    "zoo", "data", "export",
 ]
 __version__ = "0.1.0"
