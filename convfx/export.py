@@ -29,19 +29,13 @@ from passes.flops import eval_mode
 
 __all__ = ["REPORT_FILE", "export"]
 
+from .api import _as_tuple
+from .checkpoint import _fsync_dir
+
 log = logging.getLogger("convfx")
 
 #: Name of the report inside the archive's ``extra_files``.
 REPORT_FILE = "convfx_report.json"
-
-
-def _as_args(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise ValueError("example_inputs: expected a tensor or a tuple of tensors, "
-                     f"got {type(example_inputs).__name__}")
 
 
 def _batch_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -113,20 +107,6 @@ def _first_lines(err: BaseException, n: int = 3) -> str:
     return f"{type(err).__name__}: " + (" / ".join(lines[:n]) if lines else "(no message)")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable too (best effort: not every OS/filesystem allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def export(gm: nn.Module, example_inputs: torch.Tensor | Sequence[Any], path: str | os.PathLike[str], *,
            dynamic_batch: bool = False, training: bool = False) -> Path:
     """Export ``gm`` with ``torch.export.export`` and save it to ``path`` atomically.
@@ -147,7 +127,7 @@ def export(gm: nn.Module, example_inputs: torch.Tensor | Sequence[Any], path: st
     """
     if not isinstance(gm, nn.Module):
         raise ValueError(f"gm: expected an nn.Module, got {type(gm).__name__}")
-    args = _as_args(example_inputs)
+    args = _as_tuple(example_inputs)
     target = Path(path).expanduser().resolve()
     if not target.parent.is_dir():
         raise ValueError(f"path: folder {str(target.parent)!r} does not exist")

@@ -16,7 +16,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
