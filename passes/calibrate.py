@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .convs import ConvGeometry
 from .decompose import unfold
+from .factors import output_hw
 
 __all__ = [
     "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
@@ -72,10 +73,7 @@ def sample_positions(x: Tensor, geom: ConvGeometry, rows: int, gen: torch.Genera
     if geom.linear:
         total = x.reshape(-1, x.shape[-1]).shape[0]
     else:
-        xp_h = x.shape[2] + sum(_explicit_padding(geom)[2:])
-        xp_w = x.shape[3] + sum(_explicit_padding(geom)[:2])
-        oh = (xp_h - geom.dilation[0] * (geom.kernel_size[0] - 1) - 1) // geom.stride[0] + 1
-        ow = (xp_w - geom.dilation[1] * (geom.kernel_size[1] - 1) - 1) // geom.stride[1] + 1
+        oh, ow = output_hw(x.shape[2], x.shape[3], geom)
         total = x.shape[0] * oh * ow
     if total <= rows:
         return None
@@ -90,8 +88,7 @@ def sampled_patches(x: Tensor, geom: ConvGeometry, idx: Tensor | None) -> Tensor
         return x.reshape(-1, x.shape[-1])[idx.to(x.device)]
     xp = _padded(x, geom)
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
-    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = output_hw(x.shape[2], x.shape[3], geom)
     idx = idx.to(x.device)
     n, rem = idx // (oh * ow), idx % (oh * ow)
     i0, j0 = (rem // ow) * sh, (rem % ow) * sw

@@ -26,7 +26,7 @@ from .decompose import relative_error, truncated_svd, tucker2
 
 __all__ = [
     "FactorPlan", "METHODS", "build_factor_modules", "decompose_weights", "factor_cost",
-    "original_cost", "max_ranks", "Factorized",
+    "original_cost", "max_ranks", "Factorized", "output_hw",
 ]
 
 METHODS = ("tucker", "cp", "svd")
@@ -133,7 +133,8 @@ def decompose_weights(weight: Tensor, bias: Tensor | None, geom: ConvGeometry,
     return [first, vert, horiz, last], float(err)
 
 
-def _out_hw(h: int, w: int, geom: ConvGeometry) -> tuple[int, int]:
+def output_hw(h: int, w: int, geom: ConvGeometry) -> tuple[int, int]:
+    """Output height and width of the conv described by ``geom`` for an h x w input."""
     if geom.padding == "same":
         return h, w
     pad = (0, 0) if geom.padding == "valid" else geom.padding
@@ -151,7 +152,7 @@ def original_cost(geom: ConvGeometry, in_shape: tuple[int, ...]) -> tuple[int, i
         rows = math.prod(in_shape[:-1])
         return rows * cin * cout, cin * cout + bias
     n, _, h, w = in_shape
-    oh, ow = _out_hw(h, w, geom)
+    oh, ow = output_hw(h, w, geom)
     kh, kw = geom.kernel_size
     per = cin // geom.groups * kh * kw
     return n * cout * oh * ow * per, cout * per + bias
@@ -166,7 +167,7 @@ def factor_cost(geom: ConvGeometry, plan: FactorPlan, in_shape: tuple[int, ...])
         rows = math.prod(in_shape[:-1])
         return rows * r * (cin + cout), r * (cin + cout) + bias
     n, _, h, w = in_shape
-    oh, ow = _out_hw(h, w, geom)
+    oh, ow = output_hw(h, w, geom)
     kh, kw = geom.kernel_size
     if plan.method == "svd":
         (r,) = plan.ranks
