@@ -136,11 +136,11 @@ def _restore_modes(modes: dict[nn.Module, bool]) -> None:
 
 
 def _split_batch(batch: Any, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(inputs, targets, *extra)`` or a bare input tensor."""
+    """``(inputs, targets, *extra)``, ``(inputs,)`` or a bare input tensor."""
     if isinstance(batch, torch.Tensor):
         return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
-        return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], torch.Tensor):
+        return batch[0], (batch[1] if len(batch) >= 2 else None)
     raise ConvfxError(
         f"cannot interpret a batch of type {type(batch).__name__}",
         where=where,

@@ -159,11 +159,13 @@ def _reduced_rank(w: Tensor, st: MomentStats, r: int) -> tuple[Tensor, Tensor]:
     chol = torch.linalg.cholesky(c)  # C = L Lᵀ
     u, s, vh = torch.linalg.svd(w_ls @ chol, full_matrices=False)
     r = min(r, s.numel())
-    root = s[:r].clamp_min(float(s[0]) * 1e-12 if s.numel() else 1.0).sqrt()
-    a = u[:, :r] * root
-    # b = S^{1/2} V_rᵀ L^{-1}  (solve Lᵀ bᵀ = V_r S^{1/2})
-    b = torch.linalg.solve_triangular(chol.T, (vh[:r].T * root), upper=True).T
-    return a, b
+    # Ŵ = U_r S_r V_rᵀ L^{-1}; re-split it by its own SVD so both factors carry √σ of Ŵ
+    # itself (L^{-1} alone can make b tiny or huge, which SGD fine-tuning cannot handle).
+    b0 = torch.linalg.solve_triangular(chol.T, vh[:r].T, upper=True).T  # V_rᵀ L^{-1}
+    q, tri = torch.linalg.qr(b0.T)  # b0 = triᵀ qᵀ
+    u2, s2, vh2 = torch.linalg.svd((u[:, :r] * s[:r]) @ tri.T, full_matrices=False)
+    root = s2.clamp_min(float(s2[0]) * 1e-12 if s2.numel() else 1.0).sqrt()
+    return u2 * root, (root[:, None] * vh2) @ q.T
 
 
 def _channel_cov(st: MomentStats, cin: int) -> Tensor:
@@ -198,7 +200,21 @@ def _tucker_fit(w4: Tensor, geom: ConvGeometry, st: MomentStats, ranks: tuple[in
         u_out = torch.linalg.solve(h_cov, (c_yz @ g.T).T).T
         gram = _ridge(u_out.T @ u_out)
         g = torch.linalg.solve(gram, torch.linalg.solve(c_zz, (u_out.T @ c_yz).T).T)
-    return [p.reshape(r_in, cin, 1, 1), g.reshape(r_out, r_in, kh, kw), u_out.reshape(cout, r_out, 1, 1)]
+    p, g, u_out = _orthonormal_tucker(p, g.reshape(r_out, r_in, kh, kw), u_out)
+    return [p.reshape(r_in, cin, 1, 1), g, u_out.reshape(cout, r_out, 1, 1)]
+
+
+def _orthonormal_tucker(p: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The same Tucker-2 product with orthonormal input/output factors and the scale in the core.
+
+    Why: the whitened fit leaves the first factor ~1e-2 and the core ~1e3; the product is
+    right, but SGD on such badly scaled factors diverges at any usual learning rate.
+    p = Rᵀ Qᵀ and u = Q₂ R₂ (QR factorizations), so u·g·p = Q₂ · (R₂ g Rᵀ) · Qᵀ.
+    """
+    q_in, r_in = torch.linalg.qr(p.T)  # p.T: (C_in, r_in)
+    q_out, r_out = torch.linalg.qr(u)  # u: (C_out, r_out)
+    core = torch.einsum("da,abhw,cb->dchw", r_out, g, r_in)
+    return q_in.T.contiguous(), core, q_out
 
 
 def _cp_last_refit(w4: Tensor, st: MomentStats, first: Tensor, vert: Tensor, horiz: Tensor) -> Tensor:

@@ -48,6 +48,24 @@ def test_data_aware_beats_data_free_at_equal_ranks(method: str, rank: object, ma
     assert all(r.fit == "data" and r.output_error is not None for r in aware.convfx_report.factorized)
 
 
+@pytest.mark.parametrize("method", ["tucker", "svd"])
+def test_calibrated_factors_are_well_scaled(method: str) -> None:
+    """Whitening must not leave tiny and huge factors behind: SGD fine-tuning diverges on them."""
+    model = _two_convs()
+    calib = _correlated_images(64, 16, 8, rank=3, seed=4) * 10  # strongly anisotropic inputs
+    gm = convfx.compress(model, calib[:1], method=method, rank=(6, 4) if method == "tucker" else 5,
+                         calibration=[calib])
+    for i in ("0", "2"):
+        w = [gm.get_submodule(f"{i}.{j}").weight.detach() for j in range(3 if method == "tucker" else 2)]
+        if method == "tucker":
+            first, last = w[0].flatten(1), w[2].flatten(1)
+            assert torch.allclose(first @ first.T, torch.eye(first.shape[0]), atol=1e-4)
+            assert torch.allclose(last.T @ last, torch.eye(last.shape[1]), atol=1e-4)
+        else:  # both factors carry the square roots of the product's singular values
+            a, b = w[1].flatten(1), w[0].flatten(1)
+            assert torch.allclose(a.norm(dim=0), b.norm(dim=1), rtol=1e-3)
+
+
 def test_calibrated_full_rank_is_still_exact() -> None:
     model = _two_convs().to(F64)
     calib = _correlated_images(16, 16, 8, rank=16, seed=2).to(F64)

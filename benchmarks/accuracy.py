@@ -1,0 +1,643 @@
+"""Accuracy per conv MAC: the seed method, convfx and Torch-Pruning side by side.
+
+One script, one machine, every method at the same conv-MAC reductions:
+
+* **seed**: the research script's Tucker-2, data-free. Its own VBMF ranks give one
+  point; at the reduction targets the ranks are a uniform fraction of each layer's
+  channels, bisected until the conv MACs hit the target (the issue's baseline table).
+* **convfx**: Tucker-2 factors fitted to each layer's outputs on calibration images
+  (``calibration=``) with ranks allocated across layers by ``flops_target=``; then
+  fine-tuned with plain cross-entropy (**convfx**) or distilled (**convfx+KD**) from a
+  teacher (default: the uncompressed model after the same fine-tuning budget, i.e. the
+  baseline row; ``--teacher original`` distils from the pretrained checkpoint).
+* **pruning**: Torch-Pruning's L1-magnitude structured channel pruning (the peer a user
+  would pick), its ratio bisected to the same conv-MAC target. On the CIFAR ResNets only
+  the inner channels of each block are pruned (``conv1``, ``linear`` and every block's
+  ``conv2`` are ignored) because Torch-Pruning's dependency graph does not understand the
+  "option A" zero-padding shortcut.
+
+After compression every method gets BatchNorm re-estimated on the same calibration
+images (top-1 "calib only"), then the same fine-tuning budget (top-1 "FT"); the
+uncompressed model gets that budget too (the "baseline" row). CIFAR top-1 is on all
+10,000 JPEG test images; calibration and fine-tuning use the train split only.
+EfficientNet-Lite0 is calibrated on a fixed part of imagenet-val-1300 and reported on
+the rest, without fine-tuning.
+
+MACs: fvcore's count, 1 multiply-add = 1, all conv layers, per image; GFLOPs = 2 x GMACs.
+
+    # calibration only, all models, on this CPU
+    python benchmarks/accuracy.py --shared-data ../shared/data --epochs 0 --tag cpu
+    # with 5 epochs of fine-tuning per point (a GPU makes this minutes, not a day)
+    python benchmarks/accuracy.py --shared-data ../shared/data --models resnet20,resnet56 \\
+        --epochs 5 --device cuda --tag cuda
+
+Writes ``accuracy_<tag>.md``, ``.json`` and ``.png`` (top-1 vs conv MACs, one line per
+method) to ``--out-dir``; the JSON is rewritten after every point, so an interrupted run
+keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+import convfx  # noqa: E402
+from convfx import zoo  # noqa: E402
+from convfx.data import cache_dir, cifar10, imagenet, split_dataset  # noqa: E402
+from convfx.train import recalibrate_bn  # noqa: E402
+
+log = logging.getLogger("accuracy")
+
+CIFAR_MODELS = {"resnet20": 20, "resnet56": 56}
+METHODS = ("seed", "convfx", "convfx+KD", "pruning")
+LABELS = {
+    "seed": "seed: Tucker-2, data-free (uniform ranks; VBMF point)",
+    "convfx": "convfx: data-aware Tucker-2 + flops_target",
+    "convfx+KD": "convfx + distillation",
+    "pruning": "Torch-Pruning (L1 magnitude, channels)",
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ImageTensors(Dataset):
+    """Decoded uint8 images held in memory, normalized per item (random crop + flip optional).
+
+    Why: decoding 50,000 JPEGs every epoch costs more than training a ResNet-20 on a
+    GPU; the bytes are decoded once (and cached) and only the cheap crop/flip runs per item.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, norm: zoo.Normalization,
+                 augment: bool = False) -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+        self.padded = F.pad(images, (4, 4, 4, 4)) if augment else images
+        self.mean = torch.tensor(norm.mean).view(-1, 1, 1)
+        self.std = torch.tensor(norm.std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.augment:
+            dy, dx = torch.randint(0, 9, (2,)).tolist()
+            img = self.padded[i, :, dy:dy + 32, dx:dx + 32]
+            if bool(torch.rand(()) < 0.5):
+                img = img.flip(-1)
+        else:
+            img = self.images[i]
+        return (img.float() / 255 - self.mean) / self.std, int(self.labels[i])
+
+    def batches(self, size: int, device: torch.device, indices: torch.Tensor | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Un-augmented batches, normalized on ``device`` (for eval and calibration)."""
+        idx = torch.arange(len(self)) if indices is None else indices
+        mean, std = self.mean.to(device), self.std.to(device)
+        for s in range(0, len(idx), size):
+            j = idx[s:s + size]
+            x = self.images[j].to(device, non_blocking=True).float() / 255
+            yield (x - mean) / std, self.labels[j].to(device)
+
+
+def decode_cifar(zip_path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 N x 3 x 32 x 32, int64 labels) of a CIFAR-10 JPEG zip, cached beside its extraction."""
+    from PIL import Image
+
+    key = f"{zip_path.stat().st_size}-{int(zip_path.stat().st_mtime)}"
+    cache = cache_dir() / f"cifar10-{split}-{key}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return blob["images"], blob["labels"]
+    folder = cifar10(zip_path, split)  # extracts once, ImageFolder with the standard class order
+    t0 = time.perf_counter()
+    images = np.empty((len(folder.samples), 32, 32, 3), np.uint8)
+    for i, (path, _) in enumerate(folder.samples):
+        with Image.open(path) as im:
+            images[i] = np.asarray(im.convert("RGB"))
+    out = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([y for _, y in folder.samples], dtype=torch.int64)
+    tmp = cache.with_name(cache.name + ".tmp")
+    torch.save({"images": out, "labels": labels}, tmp)
+    os.replace(tmp, cache)
+    log.info("decoded %d %s images in %.1fs -> %s", len(labels), split, time.perf_counter() - t0, cache)
+    return out, labels
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def conv_macs(model: nn.Module, example: torch.Tensor) -> int:
+    return convfx.analyze(model, example).conv_macs
+
+
+def bisect(make: Callable[[float], nn.Module], example: torch.Tensor, target_macs: float, lo: float, hi: float,
+           *, increasing: bool, steps: int = 16, tol: float = 0.005) -> tuple[nn.Module, float]:
+    """The model from ``make(p)`` whose conv MACs are closest to ``target_macs`` (p bisected).
+
+    ``increasing``: whether MACs grow with p. Stops once within ``tol`` (relative).
+    """
+    best: tuple[float, nn.Module, float] | None = None
+    for _ in range(steps):
+        p = (lo + hi) / 2
+        m = make(p)
+        macs = conv_macs(m, example)
+        err = abs(macs / target_macs - 1)
+        if best is None or err < best[0]:
+            best = (err, m, p)
+        if err <= tol:
+            break
+        if (macs > target_macs) == increasing:
+            hi = p
+        else:
+            lo = p
+    assert best is not None
+    return best[1], best[2]
+
+
+def cifar_ignored(model: nn.Module) -> list[nn.Module]:
+    """Layers Torch-Pruning must leave alone on the option-A CIFAR ResNets (see module doc)."""
+    ignored = [model.conv1, model.linear]
+    for stage in (model.layer1, model.layer2, model.layer3):
+        ignored += [block.conv2 for block in stage]
+    return ignored
+
+
+def lite_ignored(model: nn.Module) -> list[nn.Module]:
+    return [model._fc]
+
+
+def prune(model: nn.Module, ratio: float, example: torch.Tensor, ignored: Callable[[nn.Module], list[nn.Module]]
+          ) -> nn.Module:
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model).eval()
+    pruner = tp.pruner.MagnitudePruner(
+        m, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+        ignored_layers=ignored(m),
+    )
+    pruner.step()
+    return m
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    target: float | None  # conv-MAC reduction asked for (None: the method's own choice / baseline)
+    conv_macs: int
+    params: int
+    top1_calib: float | None
+    top5_calib: float | None
+    top1_ft: float | None = None
+    top5_ft: float | None = None
+    epochs: int = 0
+    compress_s: float = 0.0
+    finetune_s: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class Results:
+    command: str
+    machine: str
+    settings: dict[str, Any]
+    base_macs: dict[str, int] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, out_dir: Path, tag: str) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"accuracy_{tag}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, path)
+
+
+def fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def markdown(res: Results) -> str:
+    s = res.settings
+    lines = [
+        "# Accuracy per conv MAC: seed method vs convfx vs Torch-Pruning",
+        "",
+        f"Command: `{res.command}`",
+        "",
+        f"Machine: {res.machine}.",
+        "",
+        "MACs: fvcore, 1 multiply-add = 1, all convolutions, per image (GFLOPs = 2 x GMACs). "
+        "Reduction = original conv MACs / compressed conv MACs. 'calib only': right after compression "
+        f"and BN re-estimation on the {s['calib_images']} calibration images (no training). "
+        f"'FT': after {s['epochs']} epoch(s) of fine-tuning (SGD momentum 0.9 nesterov, lr {s['lr']}, cosine, "
+        f"{s['warmup']} warm-up steps, batch {s['batch_size']}, weight decay {s['weight_decay']}, "
+        "random crop + flip); the baseline row is the uncompressed model with the same budget. "
+        f"convfx+KD distils (alpha {s['kd_alpha']}, T {s['kd_temperature']}) from: {s['teacher_desc']}.",
+        "",
+    ]
+    order = {m: i for i, m in enumerate(("original", "baseline", *METHODS))}
+    for model in dict.fromkeys(r.model for r in res.rows):
+        rows = sorted((r for r in res.rows if r.model == model),
+                      key=lambda r: (order.get(r.method, 99), r.target or math.inf))
+        base = res.base_macs[model]
+        ft_base = next((r.top1_ft for r in rows if r.method == "baseline"), None)
+        lines += [f"## {model}", "",
+                  "| method | target | conv MACs | conv GFLOPs | reduction | params | top-1 calib only | top-1 FT "
+                  "| FT vs baseline | top-5 calib | top-5 FT | compress s | FT s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            gap = None if (r.top1_ft is None or ft_base is None) else r.top1_ft - ft_base
+            lines.append(
+                f"| {r.method} | {'–' if r.target is None else f'{r.target:g}x'} | {r.conv_macs / 1e6:.2f}M | "
+                f"{2 * r.conv_macs / 1e9:.4f} | {base / max(r.conv_macs, 1):.2f}x | {r.params / 1e6:.3f}M | "
+                f"{fmt(r.top1_calib)} | {fmt(r.top1_ft)} | {'–' if gap is None else f'{gap:+.2f}'} | "
+                f"{fmt(r.top5_calib)} | {fmt(r.top5_ft)} | {r.compress_s:.1f} | {r.finetune_s:.0f} | {r.note} |")
+        lines.append("")
+    if res.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
+    return "\n".join(lines)
+
+
+def plot(res: Results, path: Path) -> None:
+    """Top-1 vs conv MACs: one column per model; top row after fine-tuning, bottom row calibration only."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from convfx.plot import MAC_AXIS_LABEL
+
+    models = list(dict.fromkeys(r.model for r in res.rows))
+    has_ft = any(r.top1_ft is not None for r in res.rows)
+    panels = [("top1_ft", "after fine-tuning"), ("top1_calib", "calibration only (BN re-estimated), no training")]
+    panels = panels if has_ft else panels[1:]
+    fig = Figure(figsize=(5.2 * len(models), 4.0 * len(panels) + 0.8), dpi=130)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), len(models), squeeze=False)
+    colors = {"seed": "tab:gray", "convfx": "tab:blue", "convfx+KD": "tab:green", "pruning": "tab:red"}
+    markers = {"seed": "s", "convfx": "o", "convfx+KD": "D", "pruning": "v"}
+    handles: dict[str, Any] = {}
+    for row, (attr, what) in enumerate(panels):
+        for col, model in enumerate(models):
+            ax = axes[row][col]
+            rows = [r for r in res.rows if r.model == model]
+            for method in METHODS:
+                if method == "convfx+KD" and attr == "top1_calib":
+                    continue  # the same model as convfx before fine-tuning
+                xy = sorted((r.conv_macs / 1e6, getattr(r, attr)) for r in rows
+                            if r.method == method and getattr(r, attr) is not None)
+                if xy:
+                    (h,) = ax.plot(*zip(*xy), "-", marker=markers[method], color=colors[method], markersize=5)
+                    handles.setdefault(LABELS[method], h)
+            for r in rows:
+                if r.method == "original":
+                    (h,) = ax.plot([r.conv_macs / 1e6], [r.top1_calib], "*", color="black", markersize=13)
+                    handles.setdefault("original (pretrained)", h)
+                if r.method == "baseline" and attr == "top1_ft" and r.top1_ft is not None:
+                    h = ax.axhline(r.top1_ft, color="black", linestyle=":", linewidth=1)
+                    handles.setdefault("original + the same fine-tuning (dotted)", h)
+            ax.set_title(f"{model}: {what}", fontsize=9)
+            ax.set_xlabel(MAC_AXIS_LABEL, fontsize=7)
+            ax.set_ylabel("top-1 (%)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+            ax.set_xlim(left=0)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=3, fontsize=7.5,
+               frameon=False)
+    fig.suptitle(f"Top-1 vs conv MACs ({res.machine.split(',')[0]})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    tmp = path.with_name("." + path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, res: Results) -> None:
+        self.a, self.res = args, res
+        self.device = torch.device(args.device)
+        self.t_start = time.perf_counter()
+
+    def over_budget(self) -> bool:
+        return self.a.time_budget is not None and time.perf_counter() - self.t_start > self.a.time_budget
+
+    def flush(self) -> None:
+        self.res.save(self.a.out_dir, self.a.tag)
+        (self.a.out_dir / f"accuracy_{self.a.tag}.md").write_text(markdown(self.res))
+        if self.res.rows:
+            plot(self.res, self.a.out_dir / f"accuracy_{self.a.tag}.png")
+
+    def evaluate(self, model: nn.Module, batches: Callable[[], Iterator[Any]]) -> dict[str, float]:
+        return convfx.evaluate(model.to(self.device), batches(), progress=False)
+
+    # -- CIFAR ------------------------------------------------------------------
+
+    def cifar(self, name: str) -> None:
+        a = self.a
+        depth = CIFAR_MODELS[name]
+        jpeg = a.shared_data / "cifar10-jpeg"
+        ckpt = a.shared_data / "cifar10-resnet" / {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}[depth]
+        original = zoo.cifar_resnet(depth, checkpoint=ckpt).eval()
+        norm = zoo.normalization_of(original)
+        tr_x, tr_y = decode_cifar(jpeg / "train.zip", "train")
+        te_x, te_y = decode_cifar(jpeg / "test.zip", "test")
+        train = ImageTensors(tr_x, tr_y, norm, augment=True)
+        test = ImageTensors(te_x, te_y, norm)
+        plain_train = ImageTensors(tr_x, tr_y, norm)
+        calib_idx = torch.randperm(len(tr_y), generator=torch.Generator().manual_seed(0))[:a.calib_images]
+        calib = [x for x, _ in plain_train.batches(100, self.device, calib_idx)]
+        loader = DataLoader(train, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
+                            pin_memory=self.device.type == "cuda", drop_last=True,
+                            persistent_workers=False)
+        example = torch.zeros(1, 3, 32, 32, device=self.device)
+        original = original.to(self.device)
+        base_macs = conv_macs(original, example)
+        self.res.base_macs[name] = base_macs
+        log.info("%s: %d conv MACs, %d train / %d test / %d calibration images", name, base_macs, len(train),
+                 len(test), len(calib_idx))
+
+        def test_batches() -> Iterator[Any]:
+            return test.batches(1000, self.device)
+
+        ev = self.evaluate(original, test_batches)
+        params = sum(p.numel() for p in original.parameters())
+        self.res.rows.append(Row(name, "original", None, base_macs, params, ev["top1"], ev["top5"]))
+        self.flush()
+
+        def finetune(model: nn.Module, teacher: nn.Module | None) -> tuple[dict[str, float], float]:
+            t0 = time.perf_counter()
+            convfx.finetune(model, loader, None, epochs=a.epochs, lr=a.lr, nesterov=True,
+                            weight_decay=a.weight_decay, warmup_steps=a.warmup, teacher=teacher,
+                            kd_alpha=a.kd_alpha, kd_temperature=a.kd_temperature, progress=a.progress,
+                            seed=0, device=self.device, log_every=0, max_steps_per_epoch=a.max_steps)
+            return self.evaluate(model, test_batches), time.perf_counter() - t0
+
+        teacher: nn.Module = original
+        if a.epochs > 0:
+            baseline = copy.deepcopy(original)
+            ev_ft, ft_s = finetune(baseline, None)
+            self.res.rows.append(Row(name, "baseline", None, base_macs, params, ev["top1"], ev["top5"],
+                                     ev_ft["top1"], ev_ft["top5"], a.epochs, 0.0, ft_s,
+                                     "uncompressed, same fine-tuning budget"))
+            if a.teacher == "finetuned":
+                teacher = baseline.eval()
+            self.flush()
+            log.info("%s baseline: %.2f -> %.2f after %d epochs (%.0fs)", name, ev["top1"], ev_ft["top1"],
+                     a.epochs, ft_s)
+
+        ignored = cifar_ignored
+        for target in a.targets:
+            target_macs = base_macs / target
+            for method in a.methods:
+                if method == "convfx+KD":
+                    continue  # shares the compressed model with "convfx"
+                if self.over_budget():
+                    self.res.notes.append(f"{name} {method} at {target}x: not run (time budget reached)")
+                    self.flush()
+                    continue
+                t0 = time.perf_counter()
+                note = ""
+                try:
+                    if method == "seed":
+                        model, p = bisect(lambda f: convfx.compress(original, example, method="tucker", rank=f,
+                                                                    progress=False),
+                                          example, target_macs, 0.02, 1.0, increasing=True)
+                        note = f"uniform rank fraction {p:.3f}"
+                    elif method == "convfx":
+                        model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
+                                                calibration=calib, progress=False)
+                    else:
+                        model, p = bisect(lambda r: prune(original, r, example, ignored), example, target_macs,
+                                          0.0, 0.95, increasing=False)
+                        note = f"pruning ratio {p:.3f}"
+                except Exception as exc:  # report, do not hide: the table says what failed
+                    log.exception("%s %s at %sx failed", name, method, target)
+                    self.res.notes.append(f"{name} {method} at {target}x failed: {type(exc).__name__}: {exc}")
+                    self.flush()
+                    continue
+                recalibrate_bn(model, calib, len(calib))
+                comp_s = time.perf_counter() - t0
+                ev_c = self.evaluate(model, test_batches)
+                macs = conv_macs(model, example)
+                n_params = sum(p.numel() for p in model.parameters())
+                variants = [("convfx", None), ("convfx+KD", teacher)] if method == "convfx" else [(method, None)]
+                variants = [v for v in variants if v[0] in a.methods]
+                for label, teach in variants:
+                    row = Row(name, label, target, macs, n_params, ev_c["top1"], ev_c["top5"], epochs=a.epochs,
+                              compress_s=comp_s, note=note)
+                    if a.epochs > 0 and not self.over_budget():
+                        ev_ft, ft_s = finetune(copy.deepcopy(model), teach)
+                        row.top1_ft, row.top5_ft, row.finetune_s = ev_ft["top1"], ev_ft["top5"], ft_s
+                    self.res.rows.append(row)
+                    self.flush()
+                    log.info("%s %s %.1fx: %.2fx actual, calib-only %.2f, FT %s", name, label, target,
+                             base_macs / macs, ev_c["top1"], fmt(row.top1_ft))
+        if "seed" in a.methods and not self.over_budget():
+            # The seed method's own operating point: VBMF ranks.
+            t0 = time.perf_counter()
+            model = convfx.compress(original, example, method="tucker", rank="vbmf", progress=False)
+            recalibrate_bn(model, calib, len(calib))
+            comp_s = time.perf_counter() - t0
+            ev_c = self.evaluate(model, test_batches)
+            macs = conv_macs(model, example)
+            row = Row(name, "seed", None, macs, sum(p.numel() for p in model.parameters()), ev_c["top1"],
+                      ev_c["top5"], epochs=a.epochs, compress_s=comp_s, note="VBMF ranks (the seed's own choice)")
+            if a.epochs > 0 and not self.over_budget():
+                ev_ft, ft_s = finetune(model, None)
+                row.top1_ft, row.top5_ft, row.finetune_s = ev_ft["top1"], ev_ft["top5"], ft_s
+            self.res.rows.append(row)
+            self.flush()
+
+    # -- EfficientNet-Lite0 -----------------------------------------------------
+
+    def lite(self) -> None:
+        a = self.a
+        name = "efficientnet_lite0"
+        original = zoo.efficientnet_lite0(pretrained=True).eval().to(self.device)
+        root = a.shared_data / "imagenet-val-1300"
+        data = imagenet(root, "val", zoo.normalization_of(original), class_list=root / "wnids.txt")
+        calib_set, test_set = split_dataset(data, [a.lite_calib, len(data) - a.lite_calib], seed=0)
+        calib_loader = DataLoader(calib_set, batch_size=50, shuffle=False, num_workers=a.workers)
+        test_loader = DataLoader(test_set, batch_size=100, shuffle=False, num_workers=a.workers)
+        calib = [x.to(self.device) for x, _ in calib_loader]
+        test = [(x, y) for x, y in test_loader]  # decoded once, reused for every model
+        example = torch.zeros(1, 3, 224, 224, device=self.device)
+        base_macs = conv_macs(original, example)
+        self.res.base_macs[name] = base_macs
+        log.info("%s: %d conv MACs, %d calibration / %d report images", name, base_macs, len(calib_set),
+                 len(test_set))
+
+        def test_batches() -> Iterator[Any]:
+            return iter(test)
+
+        ev = self.evaluate(original, test_batches)
+        params = sum(p.numel() for p in original.parameters())
+        self.res.rows.append(Row(name, "original", None, base_macs, params, ev["top1"], ev["top5"]))
+        self.flush()
+        for target in a.lite_targets:
+            target_macs = base_macs / target
+            for method in a.methods:
+                if method == "convfx+KD":
+                    continue
+                t0 = time.perf_counter()
+                note = ""
+                try:
+                    if method == "seed":
+                        model, p = bisect(lambda f: convfx.compress(original, example, method="tucker", rank=f,
+                                                                    progress=False),
+                                          example, target_macs, 0.02, 1.0, increasing=True, steps=12)
+                        note = f"uniform rank fraction {p:.3f}"
+                    elif method == "convfx":
+                        model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
+                                                calibration=calib, progress=False)
+                    else:
+                        model, p = bisect(lambda r: prune(original, r, example, lite_ignored), example,
+                                          target_macs, 0.0, 0.95, increasing=False, steps=12)
+                        note = f"pruning ratio {p:.3f}"
+                except Exception as exc:
+                    log.exception("%s %s at %sx failed", name, method, target)
+                    self.res.notes.append(f"{name} {method} at {target}x failed: {type(exc).__name__}: {exc}")
+                    self.flush()
+                    continue
+                recalibrate_bn(model, calib, len(calib))
+                comp_s = time.perf_counter() - t0
+                ev_c = self.evaluate(model, test_batches)
+                macs = conv_macs(model, example)
+                self.res.rows.append(Row(name, method, target, macs, sum(p.numel() for p in model.parameters()),
+                                         ev_c["top1"], ev_c["top5"], compress_s=comp_s, note=note))
+                self.flush()
+                log.info("%s %s %.2fx: %.2fx actual, top-1 %.2f", name, method, target, base_macs / macs,
+                         ev_c["top1"])
+
+
+def merge(paths: list[Path]) -> Results:
+    """One table from several runs of this script (e.g. one per model on a time-limited machine).
+
+    Each model's rows come from the last file that has that model; commands are all kept.
+    """
+    loaded = [json.loads(p.read_text()) for p in paths]
+    owner = {m: i for i, d in enumerate(loaded) for m in dict.fromkeys(r["model"] for r in d["rows"])}
+    first = loaded[0]
+    res = Results(" ; ".join(f"`{d['command']}`" for d in loaded).strip("`"), first["machine"], first["settings"])
+    for model, i in owner.items():
+        res.base_macs[model] = loaded[i]["base_macs"][model]
+        res.rows += [Row(**r) for r in loaded[i]["rows"] if r["model"] == model]
+        res.notes += [n for n in loaded[i]["notes"] if n.startswith(model + " ")]
+    res.notes += [f"run {i + 1}: {n}" for i, d in enumerate(loaded) for n in d["notes"] if n.startswith("wall")]
+    return res
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared-data", type=Path, required=True, help="folder holding cifar10-jpeg/, cifar10-resnet/ "
+                    "and imagenet-val-1300/")
+    ap.add_argument("--models", default="resnet20,resnet56,efficientnet_lite0")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--targets", default="2.5,2,3,1.5", help="conv-MAC reductions for the CIFAR models")
+    ap.add_argument("--lite-targets", default="1.3,1.5,2", help="conv-MAC reductions for EfficientNet-Lite0")
+    ap.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs per point (0: calibration only)")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--kd-alpha", type=float, default=0.9)
+    ap.add_argument("--kd-temperature", type=float, default=4.0)
+    ap.add_argument("--teacher", choices=("finetuned", "original"), default="finetuned")
+    ap.add_argument("--calib-images", type=int, default=1000, help="CIFAR train images for calibration + BN")
+    ap.add_argument("--lite-calib", type=int, default=300, help="imagenet-val-1300 images for calibration")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds; later points are skipped, not cut")
+    ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.targets = [float(t) for t in args.targets.split(",")]
+    args.lite_targets = [float(t) for t in args.lite_targets.split(",")]
+    for m in args.models:
+        if m not in (*CIFAR_MODELS, "efficientnet_lite0"):
+            ap.error(f"--models: unknown model {m!r}")
+    for m in args.methods:
+        if m not in METHODS:
+            ap.error(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
+    if any(t < 1 for t in args.targets + args.lite_targets):
+        ap.error("--targets/--lite-targets: reductions must be >= 1")
+    return args
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name(device)} GPU, torch {torch.__version__}, host {platform.machine()} "
+                f"with {os.cpu_count()} CPUs")
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("convfx").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*pruning.*", category=UserWarning)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--merge"]:  # --merge OUT_DIR TAG RUN.json [RUN.json ...]: re-render from saved runs
+        out_dir, tag, paths = Path(argv[1]), argv[2], [Path(p) for p in argv[3:]]
+        res = merge(paths)
+        ns = argparse.Namespace(out_dir=out_dir, tag=tag, time_budget=None, device="cpu")
+        Bench(ns, res).flush()
+        print(markdown(res))
+        return 0
+    args = parse(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    teacher_desc = ("the uncompressed model after the same fine-tuning (the baseline row)"
+                    if args.teacher == "finetuned" else "the pretrained checkpoint")
+    settings = {k: v for k, v in vars(args).items() if k in ("epochs", "lr", "batch_size", "warmup", "weight_decay",
+                                                             "kd_alpha", "kd_temperature", "calib_images",
+                                                             "lite_calib", "targets", "lite_targets")}
+    settings["teacher_desc"] = teacher_desc
+    cmd = "python " + " ".join(["benchmarks/accuracy.py", *argv])
+    res = Results(cmd, machine(torch.device(args.device)), settings)
+    bench = Bench(args, res)
+    t0 = time.perf_counter()
+    for m in args.models:
+        if m == "efficientnet_lite0":
+            bench.lite()
+        else:
+            bench.cifar(m)
+    res.notes.append(f"wall time {time.perf_counter() - t0:.0f} s"
+                     + (f"; load average at end {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""))
+    bench.flush()
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
