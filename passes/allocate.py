@@ -12,7 +12,8 @@ Predicted errors come from spectra, weighted by data when there is any:
   of the input-covariance-whitened mode-1 unfolding beyond r_in (relative);
 * svd (r): tail energy of the whitened weight matrix beyond r;
 * cp (R): the tucker error at ranks (min(R, C_out), min(R, C_in)) — a lower bound, since a
-  rank-R CP has multilinear ranks ≤ R; CP layers are therefore allocated optimistically.
+  rank-R CP has multilinear ranks ≤ R; CP layers are therefore allocated optimistically
+  (plus a tiny term decreasing in R, so that ranks beyond the channel counts still rank).
 
 Without data the input covariance is the identity and the output covariance W Wᵀ.
 """
@@ -81,7 +82,7 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
         tail = _tail_fractions(torch.linalg.eigvalsh(wm @ wm.T) if wm.shape[0] <= wm.shape[1]
                                else torch.linalg.eigvalsh(wm.T @ wm))
         full = min(cout, wm.shape[1])
-        for r in rank_grid(full, multiple):
+        for r in rank_grid(full, multiple, points=max(28, min(full, 256))):  # 1-D: afford every rank
             plan = FactorPlan("svd", (r,))
             cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], float(tail[min(r, tail.numel() - 1)])))
         return cands
@@ -99,9 +100,12 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
         return cands
     kh, kw = g.kernel_size
     full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
-    for r in rank_grid(full, multiple):
+    for r in rank_grid(full, multiple, points=max(28, min(full, 256))):
         plan = FactorPlan("cp", (r,))
-        err2 = float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)])
+        # The bound is 0 once R reaches both channel counts, which would make every higher
+        # rank look free and leave the budget unspent; a tiny rank-decreasing term keeps
+        # higher ranks strictly better, so the allocation lands on its target.
+        err2 = float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)]) + 1e-4 * (1 - r / full)
         cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], err2))
     return cands
 

@@ -85,9 +85,11 @@ def test_generator_and_dataloader_give_the_same_result() -> None:
         assert ka == kb and torch.equal(va, vb), ka
 
 
-@pytest.mark.parametrize("name,target", [("cifar_resnet20", 0.5), ("cifar_resnet20", 0.33), ("resnet18", 0.5),
-                                         ("vgg_small", 0.5), ("vgg_small", 0.33)])
-def test_flops_target_lands_within_tolerance(name: str, target: float) -> None:
+@pytest.mark.parametrize("name,target,method", [
+    ("cifar_resnet20", 0.5, "tucker"), ("cifar_resnet20", 0.33, "tucker"), ("resnet18", 0.5, "tucker"),
+    ("vgg_small", 0.5, "tucker"), ("vgg_small", 0.33, "tucker"), ("cifar_resnet20", 0.4, "cp"),
+    ("vgg_small", 0.5, "svd")])
+def test_flops_target_lands_within_tolerance(name: str, target: float, method: str) -> None:
     torch.manual_seed(0)
     if name == "cifar_resnet20":
         model, x = cifar_resnet(20).eval(), torch.randn(1, 3, 32, 32)
@@ -98,7 +100,7 @@ def test_flops_target_lands_within_tolerance(name: str, target: float) -> None:
                               nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 10, 1)).eval()
         x = torch.randn(1, 3, 32, 32)
     before = convfx.analyze(model, x).conv_macs
-    gm = convfx.compress(model, x, flops_target=target, rank_multiple=1)
+    gm = convfx.compress(model, x, method=method, flops_target=target, rank_multiple=1)
     after = convfx.analyze(gm, x).conv_macs
     assert after <= target * before
     assert after >= (target - 0.01) * before, (after / before)
