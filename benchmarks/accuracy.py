@@ -150,7 +150,7 @@ def conv_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def bisect(make: Callable[[float], nn.Module], example: torch.Tensor, target_macs: float, lo: float, hi: float,
-           *, increasing: bool, steps: int = 16, tol: float = 0.005) -> tuple[nn.Module, float]:
+           *, increasing: bool, steps: int = 12, tol: float = 0.01) -> tuple[nn.Module, float]:
     """The model from ``make(p)`` whose conv MACs are closest to ``target_macs`` (p bisected).
 
     ``increasing``: whether MACs grow with p. Stops once within ``tol`` (relative).
@@ -507,14 +507,14 @@ class Bench:
                     if method == "seed":
                         model, p = bisect(lambda f: convfx.compress(original, example, method="tucker", rank=f,
                                                                     progress=False),
-                                          example, target_macs, 0.02, 1.0, increasing=True, steps=12)
+                                          example, target_macs, 0.02, 1.0, increasing=True)
                         note = f"uniform rank fraction {p:.3f}"
                     elif method == "convfx":
                         model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
                                                 calibration=calib, progress=False)
                     else:
                         model, p = bisect(lambda r: prune(original, r, example, lite_ignored), example,
-                                          target_macs, 0.0, 0.95, increasing=False, steps=12)
+                                          target_macs, 0.0, 0.95, increasing=False)
                         note = f"pruning ratio {p:.3f}"
                 except Exception as exc:
                     log.exception("%s %s at %sx failed", name, method, target)
@@ -533,19 +533,31 @@ class Bench:
 
 
 def merge(paths: list[Path]) -> Results:
-    """One table from several runs of this script (e.g. one per model on a time-limited machine).
+    """One table from several runs of this script (e.g. split to fit a time-limited machine).
 
-    Each model's rows come from the last file that has that model; commands are all kept.
+    Rows are keyed by (model, method, target); a later file's row replaces an earlier one's.
+    Every run's command and wall time are kept.
     """
     loaded = [json.loads(p.read_text()) for p in paths]
-    owner = {m: i for i, d in enumerate(loaded) for m in dict.fromkeys(r["model"] for r in d["rows"])}
     first = loaded[0]
     res = Results(" ; ".join(f"`{d['command']}`" for d in loaded).strip("`"), first["machine"], first["settings"])
-    for model, i in owner.items():
-        res.base_macs[model] = loaded[i]["base_macs"][model]
-        res.rows += [Row(**r) for r in loaded[i]["rows"] if r["model"] == model]
-        res.notes += [n for n in loaded[i]["notes"] if n.startswith(model + " ")]
-    res.notes += [f"run {i + 1}: {n}" for i, d in enumerate(loaded) for n in d["notes"] if n.startswith("wall")]
+    rows: dict[tuple[Any, ...], Row] = {}
+    for i, d in enumerate(loaded):
+        res.base_macs.update(d["base_macs"])
+        for r in d["rows"]:
+            rows[(r["model"], r["method"], r["target"], r["note"] if r["target"] is None else "")] = Row(**r)
+        res.notes += [f"run {i + 1}: {n}" if n.startswith("wall") else n for n in d["notes"]]
+    res.rows = list(rows.values())
+
+    def measured_later(note: str) -> bool:  # "<model> <method> at <t>x: not run ..." with a row from another run
+        head = note.split(":", 1)[0].split()
+        if "not run" not in note or len(head) != 4:
+            return False
+        model, method, _, t = head
+        return any(r.model == model and r.method in (method, method + "+KD") and r.target == float(t.rstrip("x"))
+                   for r in res.rows)
+
+    res.notes = list(dict.fromkeys(n for n in res.notes if not measured_later(n)))
     return res
 
 
@@ -604,9 +616,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*pruning.*", category=UserWarning)
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--merge"]:  # --merge OUT_DIR TAG RUN.json [RUN.json ...]: re-render from saved runs
-        out_dir, tag, paths = Path(argv[1]), argv[2], [Path(p) for p in argv[3:]]
-        res = merge(paths)
+    if argv[:1] == ["--merge"]:  # --merge OUT_DIR TAG RUN.json... [note:TEXT...]: re-render saved runs
+        out_dir, tag = Path(argv[1]), argv[2]
+        res = merge([Path(p) for p in argv[3:] if not p.startswith("note:")])
+        res.notes += [p[5:].strip() for p in argv[3:] if p.startswith("note:")]
         ns = argparse.Namespace(out_dir=out_dir, tag=tag, time_budget=None, device="cpu")
         Bench(ns, res).flush()
         print(markdown(res))
