@@ -48,7 +48,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +352,43 @@ class Bench:
     def evaluate(self, model: nn.Module, batches: Callable[[], Iterator[Any]]) -> dict[str, float]:
         return convfx.evaluate(model.to(self.device), batches(), progress=False)
 
+    def point(self, name: str, method: str, target: float, original: nn.Module, example: torch.Tensor,
+              base_macs: int, calib: list[torch.Tensor], ignored: Callable[[nn.Module], list[nn.Module]],
+              test_batches: Callable[[], Iterator[Any]]) -> tuple[nn.Module, Row] | None:
+        """Compress by one method to one conv-MAC reduction, re-estimate BN, evaluate (no training).
+
+        A failure is logged and listed in the notes (None is returned): the table says what failed.
+        """
+        t0 = time.perf_counter()
+        target_macs = base_macs / target
+        note = ""
+        try:
+            if method == "seed":
+                model, p = bisect(lambda f: convfx.compress(original, example, method="tucker", rank=f,
+                                                            progress=False),
+                                  example, target_macs, 0.02, 1.0, increasing=True)
+                note = f"uniform rank fraction {p:.3f}"
+            elif method == "convfx":
+                model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
+                                        calibration=calib, progress=False)
+            else:
+                model, p = bisect(lambda r: prune(original, r, example, ignored), example, target_macs,
+                                  0.0, 0.95, increasing=False)
+                note = f"pruning ratio {p:.3f}"
+        except Exception as exc:
+            log.exception("%s %s at %sx failed", name, method, target)
+            self.res.notes.append(f"{name} {method} at {target}x failed: {type(exc).__name__}: {exc}")
+            self.flush()
+            return None
+        recalibrate_bn(model, calib, len(calib))
+        comp_s = time.perf_counter() - t0
+        ev = self.evaluate(model, test_batches)
+        macs = conv_macs(model, example)
+        log.info("%s %s %.2fx: %.2fx actual, calibration-only top-1 %.2f", name, method, target,
+                 base_macs / macs, ev["top1"])
+        return model, Row(name, method, target, macs, sum(q.numel() for q in model.parameters()), ev["top1"],
+                          ev["top5"], compress_s=comp_s, note=note)
+
     # -- CIFAR ------------------------------------------------------------------
 
     def cifar(self, name: str) -> None:
@@ -409,7 +446,6 @@ class Bench:
 
         ignored = cifar_ignored
         for target in a.targets:
-            target_macs = base_macs / target
             for method in a.methods:
                 if method == "convfx+KD":
                     continue  # shares the compressed model with "convfx"
@@ -417,43 +453,22 @@ class Bench:
                     self.res.notes.append(f"{name} {method} at {target}x: not run (time budget reached)")
                     self.flush()
                     continue
-                t0 = time.perf_counter()
-                note = ""
-                try:
-                    if method == "seed":
-                        model, p = bisect(lambda f: convfx.compress(original, example, method="tucker", rank=f,
-                                                                    progress=False),
-                                          example, target_macs, 0.02, 1.0, increasing=True)
-                        note = f"uniform rank fraction {p:.3f}"
-                    elif method == "convfx":
-                        model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
-                                                calibration=calib, progress=False)
-                    else:
-                        model, p = bisect(lambda r: prune(original, r, example, ignored), example, target_macs,
-                                          0.0, 0.95, increasing=False)
-                        note = f"pruning ratio {p:.3f}"
-                except Exception as exc:  # report, do not hide: the table says what failed
-                    log.exception("%s %s at %sx failed", name, method, target)
-                    self.res.notes.append(f"{name} {method} at {target}x failed: {type(exc).__name__}: {exc}")
-                    self.flush()
+                done = self.point(name, method, target, original, example, base_macs, calib, ignored,
+                                  test_batches)
+                if done is None:
                     continue
-                recalibrate_bn(model, calib, len(calib))
-                comp_s = time.perf_counter() - t0
-                ev_c = self.evaluate(model, test_batches)
-                macs = conv_macs(model, example)
-                n_params = sum(p.numel() for p in model.parameters())
+                model, first = done
                 variants = [("convfx", None), ("convfx+KD", teacher)] if method == "convfx" else [(method, None)]
-                variants = [v for v in variants if v[0] in a.methods]
+                variants = [v for v in variants if v[0] in a.methods and (a.epochs > 0 or v[0] != "convfx+KD")]
                 for label, teach in variants:
-                    row = Row(name, label, target, macs, n_params, ev_c["top1"], ev_c["top5"], epochs=a.epochs,
-                              compress_s=comp_s, note=note)
+                    row = replace(first, method=label, epochs=a.epochs)
                     if a.epochs > 0 and not self.over_budget():
                         ev_ft, ft_s = finetune(copy.deepcopy(model), teach)
                         row.top1_ft, row.top5_ft, row.finetune_s = ev_ft["top1"], ev_ft["top5"], ft_s
                     self.res.rows.append(row)
                     self.flush()
-                    log.info("%s %s %.1fx: %.2fx actual, calib-only %.2f, FT %s", name, label, target,
-                             base_macs / macs, ev_c["top1"], fmt(row.top1_ft))
+                    log.info("%s %s %.1fx: calib-only %.2f, FT %s", name, label, target, row.top1_calib,
+                             fmt(row.top1_ft))
         if "seed" in a.methods and not self.over_budget():
             # The seed method's own operating point: VBMF ranks.
             t0 = time.perf_counter()
@@ -497,39 +512,14 @@ class Bench:
         self.res.rows.append(Row(name, "original", None, base_macs, params, ev["top1"], ev["top5"]))
         self.flush()
         for target in a.lite_targets:
-            target_macs = base_macs / target
             for method in a.methods:
                 if method == "convfx+KD":
-                    continue
-                t0 = time.perf_counter()
-                note = ""
-                try:
-                    if method == "seed":
-                        model, p = bisect(lambda f: convfx.compress(original, example, method="tucker", rank=f,
-                                                                    progress=False),
-                                          example, target_macs, 0.02, 1.0, increasing=True)
-                        note = f"uniform rank fraction {p:.3f}"
-                    elif method == "convfx":
-                        model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
-                                                calibration=calib, progress=False)
-                    else:
-                        model, p = bisect(lambda r: prune(original, r, example, lite_ignored), example,
-                                          target_macs, 0.0, 0.95, increasing=False)
-                        note = f"pruning ratio {p:.3f}"
-                except Exception as exc:
-                    log.exception("%s %s at %sx failed", name, method, target)
-                    self.res.notes.append(f"{name} {method} at {target}x failed: {type(exc).__name__}: {exc}")
+                    continue  # no fine-tuning here: it would be the convfx row
+                done = self.point(name, method, target, original, example, base_macs, calib, lite_ignored,
+                                  test_batches)
+                if done is not None:
+                    self.res.rows.append(done[1])
                     self.flush()
-                    continue
-                recalibrate_bn(model, calib, len(calib))
-                comp_s = time.perf_counter() - t0
-                ev_c = self.evaluate(model, test_batches)
-                macs = conv_macs(model, example)
-                self.res.rows.append(Row(name, method, target, macs, sum(p.numel() for p in model.parameters()),
-                                         ev_c["top1"], ev_c["top5"], compress_s=comp_s, note=note))
-                self.flush()
-                log.info("%s %s %.2fx: %.2fx actual, top-1 %.2f", name, method, target, base_macs / macs,
-                         ev_c["top1"])
 
 
 def merge(paths: list[Path]) -> Results:
@@ -545,6 +535,8 @@ def merge(paths: list[Path]) -> Results:
     for i, d in enumerate(loaded):
         res.base_macs.update(d["base_macs"])
         for r in d["rows"]:
+            if r["method"] == "convfx+KD" and r["top1_ft"] is None:
+                continue  # before fine-tuning it is the convfx row
             rows[(r["model"], r["method"], r["target"], r["note"] if r["target"] is None else "")] = Row(**r)
         res.notes += [f"run {i + 1}: {n}" if n.startswith("wall") else n for n in d["notes"]]
     res.rows = list(rows.values())

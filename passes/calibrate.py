@@ -115,9 +115,12 @@ class MomentStats:
 
     def add(self, p_o: Tensor, p_c: Tensor) -> None:
         """Accumulate one batch of patch rows (same rows, original and current inputs)."""
-        self.c_cc += (p_c.T @ p_c).to(torch.float64)
-        self.c_oc += (p_o.T @ p_c).to(torch.float64)
-        self.c_oo += (p_o.T @ p_o).to(torch.float64)
+        # float64 products: float32 rounding leaves the sums indefinite by ~1e-7 of their
+        # largest entries, more than the ridge where activations span many magnitudes.
+        p_o, p_c = p_o.to(torch.float64), p_c.to(torch.float64)
+        self.c_cc += p_c.T @ p_c
+        self.c_oc += p_o.T @ p_c
+        self.c_oo += p_o.T @ p_o
         self.rows += p_o.shape[0]
 
 
@@ -132,6 +135,18 @@ class ChannelStats:
 def _ridge(c: Tensor) -> Tensor:
     lam = _RIDGE * float(torch.diagonal(c).mean().clamp_min(1e-30))
     return c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+
+
+def _cholesky(c: Tensor) -> Tensor:
+    """Cholesky factor of a ridged covariance, adding jitter until it is positive definite."""
+    scale = float(torch.diagonal(c).abs().max().clamp_min(1e-30))
+    jitter = 0.0
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+        if int(info) == 0:
+            return chol
+        jitter = scale * (1e-12 if jitter == 0.0 else jitter / scale * 100)
+    raise torch.linalg.LinAlgError("calibration covariance is not positive definite even with jitter")
 
 
 def _sym_sqrt(c: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,7 +171,7 @@ def _reduced_rank(w: Tensor, st: MomentStats, r: int) -> tuple[Tensor, Tensor]:
     """argmin_{rank Ŵ ≤ r} Σ‖W x_o − Ŵ x_c‖², as Ŵ = a @ b with balanced scales."""
     c = _ridge(st.c_cc)
     w_ls = torch.linalg.solve(c, (w @ st.c_oc).T).T  # W C_oc C_cc^{-1}
-    chol = torch.linalg.cholesky(c)  # C = L Lᵀ
+    chol = _cholesky(c)  # C = L Lᵀ
     u, s, vh = torch.linalg.svd(w_ls @ chol, full_matrices=False)
     r = min(r, s.numel())
     # Ŵ = U_r S_r V_rᵀ L^{-1}; re-split it by its own SVD so both factors carry √σ of Ŵ
