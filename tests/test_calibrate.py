@@ -148,3 +148,20 @@ def test_allocation_prefers_cheap_error_and_respects_budget() -> None:
 def test_bad_calibration_inputs(bad: object) -> None:
     with pytest.raises(ValueError, match="calibration"):
         convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), rank=0.5, calibration=bad)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_calibration_survives_singular_input_covariance(method: str) -> None:
+    """Dead, duplicated and huge channels (as in EfficientNet-Lite0) make the covariance singular."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 16, 1 if method == "svd" else 3, padding="same")).eval()
+    calib = torch.randn(64, 12, 8, 8)
+    calib[:, 0] = 0.0  # a dead channel
+    calib[:, 1] = calib[:, 2] * 3.0  # exactly collinear channels
+    calib[:, 3] *= 1e4  # a channel 4 orders of magnitude louder
+    gm = convfx.compress(model, calib[:1], method=method, rank=6 if method == "svd" else (6, 6),
+                         calibration=[calib[:32], calib[32:]])
+    with torch.no_grad():
+        out = gm(calib)
+    assert torch.isfinite(out).all()
+    assert _rel_out_err(model, gm, calib) < 1.0
