@@ -4,8 +4,9 @@ Why this exists: the CP-decomposed convolution of Lebedev et al. (2015) replaces
 ``C_out x C_in x k_h x k_w`` kernel by ``rank`` rank-one terms, i.e. four thin
 convolutions.  Generic CP solvers spend most of their time building huge
 Khatri-Rao products; here every sweep costs two dense matrix products with the
-kernel and a few tiny ``rank x rank`` solves, and the starting point exploits
-the tiny spatial modes of conv kernels (see :func:`cp_als`).
+kernel (against Khatri-Rao products of half the modes, ~sqrt(size) rows each) and
+a few tiny ``rank x rank`` solves, and the starting point exploits the tiny
+spatial modes of conv kernels (see :func:`cp_als`).
 
 >>> import torch
 >>> w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
@@ -44,14 +45,16 @@ _RIDGE = 1e-10
 # to ~1e-8 only; below this the fit is exact at float32 precision anyway.
 _ERROR_FLOOR = 1e-7
 # Mixed precision: while the fit is still coarse, the one big GEMM per half-sweep
-# (tensor x factor) runs in float32 -- about twice as fast on CPUs -- and everything
-# else stays float64.  A perturbation of the MTTKRP moves the least-squares fit only
-# to second order, and the tracked error stays far above float32 rounding (~1e-7).
+# (tensor x Khatri-Rao) and the MTTKRPs read from its result run in float32 -- about
+# twice as fast on CPUs -- and everything else (Grams, solves) stays float64.  A
+# perturbation of the MTTKRP moves the least-squares fit only to second order, and
+# the tracked error stays far above float32 rounding (~1e-7).
 # Switched to float64 for good once the error is below _FAST_UNTIL, or the stopping
-# rule fires, or a plain sweep fails to lower the error; tiny problems (where the
-# GEMM is not the cost) never use it.
+# rule fires, or a plain sweep fails to lower the error (the first float64 sweep is then
+# accepted unconditionally: float32 error estimates are not comparable with float64
+# ones near 1e-3); tiny problems (where the GEMM is not the cost) never use it.
 _FAST_UNTIL = 1e-3
-_FAST_MIN_WORK = 1 << 22  # tensor entries x rank
+_FAST_MIN_WORK = 1 << 20  # tensor entries x rank
 # Extrapolation ("momentum") schedule between ALS sweeps: grow on success,
 # shrink (and restart from the last accepted iterate) on failure.
 _BETA_START = 0.5
@@ -110,9 +113,9 @@ def cp_als(
     Why it is fast:
 
     * each sweep splits the modes into two balanced groups; contracting the tensor
-      with one group's factors (one dense GEMM, no Khatri-Rao product is ever
-      formed) gives every MTTKRP of the other group, so a sweep costs two GEMMs
-      with the tensor instead of N;
+      with one group's factors (one dense GEMM against the small Khatri-Rao
+      product of that group alone, ~sqrt(tensor size) rows) gives every MTTKRP of
+      the other group, so a sweep costs two GEMMs with the tensor instead of N;
     * the normal equations use the Hadamard product of the factor Grams and are
       solved by Cholesky with a tiny ridge (eigen-pseudo-inverse if that fails);
     * the error is tracked from the Grams (no reconstruction per sweep), and
@@ -402,10 +405,13 @@ def _init_slices(t: Tensor, rank: int, gen: torch.Generator) -> tuple[Tensor, li
 class _Sweeper:
     """One ALS sweep over all modes, organised as a two-group dimension tree.
 
-    Modes are split into two groups of balanced size.  Contracting the tensor with
-    the factors of group B (one GEMM on a pre-permuted copy, then cheap broadcasts
-    over B's small modes) leaves a ``(group A dims..., R)`` partial result from which
-    the MTTKRP of every mode of A follows by small contractions; then the roles swap.
+    Modes are split into two groups of balanced size.  The MTTKRPs of every mode of
+    group A come from one ``(A dims..., R)`` partial result: the tensor, matricised
+    as ``(A modes) x (B modes)``, times the Khatri-Rao product of B's factors.  That
+    Khatri-Rao product has only ``~sqrt(numel) x R`` entries (for a conv kernel:
+    ``C_in * k_w x R``), so it is formed explicitly and the contraction is a single
+    GEMM without temporaries bigger than the partial result; then the roles swap.
+    Within a group, the Hadamard product of the other group's Grams is formed once.
     """
 
     def __init__(self, t: Tensor, fast: bool = False) -> None:
@@ -413,52 +419,45 @@ class _Sweeper:
         self.shape = shape
         self.groups = _balanced_split(shape)
         self.first_mode = self.groups[0][0]  # its incoming value is never read
-        # For contracting group g: keep the other group's modes first, then g's
-        # small modes, then g's largest mode last so a plain GEMM contracts it.
-        self.layouts: list[tuple[Tensor, int, list[int]]] = []
+        # mats[g]: the tensor as (modes of the other group) x (modes of group g), C order,
+        # i.e. what contracting group g's factors needs
+        self.mats: list[Tensor] = []
         for g in (0, 1):
-            contracted = self.groups[g]
             kept = self.groups[1 - g]
-            big = max(contracted, key=lambda n: (shape[n], -n))
-            rest = [n for n in contracted if n != big]
-            permuted = t.permute(*kept, *rest, big).contiguous()
-            self.layouts.append((permuted.reshape(-1, shape[big]), big, rest))
+            rows = math.prod(shape[n] for n in kept)
+            self.mats.append(t.permute(*kept, *self.groups[g]).reshape(rows, -1).contiguous())
         self.ridge_eye: Tensor | None = None
         # float32 copies for the coarse phase (see _FAST_UNTIL); dropped when it ends
-        self.fast_layouts = [flat.float() for flat, _, _ in self.layouts] if fast else None
+        self.fast_mats = [m.float() for m in self.mats] if fast else None
 
     @property
     def fast(self) -> bool:
-        return self.fast_layouts is not None
+        return self.fast_mats is not None
 
     def leave_fast(self) -> None:
         """Use float64 for every remaining sweep."""
-        self.fast_layouts = None
+        self.fast_mats = None
 
     def _contract_group(self, g: int, factors: list[Tensor]) -> Tensor:
         """Tensor contracted with group ``g``'s factors: shape (other group dims..., R)."""
-        flat, big, rest = self.layouts[g]
-        kept = self.groups[1 - g]
-        rank = factors[0].shape[1]
-        if self.fast_layouts is not None:
-            y = (self.fast_layouts[g] @ factors[big].float()).double()
+        kr = _khatri_rao([factors[n] for n in self.groups[g]])
+        if self.fast_mats is not None:  # stays float32: the MTTKRPs are formed from it in float32
+            y = self.fast_mats[g] @ kr.float()
         else:
-            y = flat @ factors[big]
-        y = y.reshape(*[self.shape[n] for n in kept], *[self.shape[n] for n in rest], rank)
-        pos = len(kept)
-        for i, n in enumerate(rest):
-            tail = len(rest) - i - 1
-            y = (y * factors[n].reshape(self.shape[n], *([1] * tail), rank)).sum(dim=pos)
-        return y
+            y = self.mats[g] @ kr
+        return y.reshape(*[self.shape[n] for n in self.groups[1 - g]], kr.shape[1])
 
     @staticmethod
     def _mttkrp(partial: Tensor, group: list[int], factors: list[Tensor], mode: int) -> Tensor:
+        """MTTKRP of ``mode`` (float64) from its group's partial result (float32 or float64)."""
         if len(group) == 1:
-            return partial
+            return partial.double()
+        dtype = partial.dtype
         if len(group) == 2:  # the usual case (conv kernels): one broadcast and a reduction
             if mode == group[0]:
-                return (partial * factors[group[1]]).sum(dim=1)
-            return (partial * factors[group[0]][:, None, :]).sum(dim=0)
+                return (partial * factors[group[1]].to(dtype)).sum(dim=1).double()
+            return (partial * factors[group[0]][:, None, :].to(dtype)).sum(dim=0).double()
+        factors = [f.to(dtype) for f in factors]
         letters = "abcdefghijklmnopqrstuvwxyz"
         sub = "".join(letters[i] for i in range(len(group)))
         operands: list[Tensor] = [partial]
@@ -468,22 +467,25 @@ class _Sweeper:
                 operands.append(factors[n])
                 subs.append(letters[i] + "Z")
         out = letters[group.index(mode)] + "Z"
-        return torch.einsum(",".join(subs) + "->" + out, *operands)
+        return torch.einsum(",".join(subs) + "->" + out, *operands).double()
 
     def sweep(self, factors: list[Tensor]) -> tuple[list[Tensor], Tensor, float]:
         """Update every factor once; return unit factors, weights and the relative error."""
         factors = list(factors)
-        grams = [f.T @ f for f in factors]
-        rank = grams[0].shape[0]
+        grams: list[Tensor | None] = [None if n == self.first_mode else f.T @ f for n, f in enumerate(factors)]
+        rank = factors[0].shape[1]
         if self.ridge_eye is None or self.ridge_eye.shape[0] != rank:
             # the factors have (nearly) unit columns, so the normal matrices have unit diagonals
-            self.ridge_eye = _RIDGE * torch.eye(rank, dtype=grams[0].dtype, device=grams[0].device)
+            self.ridge_eye = _RIDGE * torch.eye(rank, dtype=factors[0].dtype, device=factors[0].device)
         mttkrp = gram_other = unnorm = factors[0]
         for g in (0, 1):
+            group = self.groups[g]
             partial = self._contract_group(1 - g, factors)
-            for mode in self.groups[g]:
-                mttkrp = self._mttkrp(partial, self.groups[g], factors, mode)
-                gram_other = _hadamard_except(grams, mode)
+            # Hadamard product of the other group's Grams (fixed while this group updates)
+            fixed = _hadamard([grams[n] for n in self.groups[1 - g]])
+            for mode in group:
+                mttkrp = self._mttkrp(partial, group, factors, mode)
+                gram_other = _hadamard([fixed, *(grams[n] for n in group if n != mode)])
                 unnorm = _solve_normal(gram_other, mttkrp, self.ridge_eye)
                 factors[mode], weights = _normalize_columns(unnorm)
                 grams[mode] = factors[mode].T @ factors[mode]
@@ -493,11 +495,10 @@ class _Sweeper:
         return factors, weights, float(model2 - 2 * inner)
 
 
-def _hadamard_except(grams: list[Tensor], skip: int) -> Tensor:
-    out = None
-    for n, g in enumerate(grams):
-        if n != skip:
-            out = g if out is None else out * g
+def _hadamard(mats: list[Tensor | None]) -> Tensor:
+    out = mats[0]
+    for m in mats[1:]:
+        out = out * m  # type: ignore[operator]
     assert out is not None
     return out
 
@@ -505,14 +506,12 @@ def _hadamard_except(grams: list[Tensor], skip: int) -> Tensor:
 def _solve_normal(gram: Tensor, rhs: Tensor, ridge_eye: Tensor) -> Tensor:
     """``rhs @ inv(gram)`` for symmetric PSD ``gram`` with unit-scale diagonal.
 
-    Cholesky of ``gram + ridge * I`` (explicit inverse when ``rhs`` has more rows
-    than ``gram``, where one GEMM beats two triangular solves); an eigen
-    pseudo-inverse if Cholesky still fails.
+    Cholesky of ``gram + ridge * I`` and one ``cholesky_solve`` of the transposed
+    system (which also returns ``rhs``'s row-major layout, keeping later broadcasts
+    and reshapes copy-free); an eigen pseudo-inverse if Cholesky still fails.
     """
     chol, info = torch.linalg.cholesky_ex(gram + ridge_eye)
     if int(info) == 0:
-        if rhs.shape[0] >= gram.shape[0]:
-            return rhs @ torch.cholesky_inverse(chol)
         return torch.cholesky_solve(rhs.T, chol).T
     log.debug("cp_als: Cholesky failed (info=%d); using eigen pseudo-inverse", int(info))
     evals, evecs = torch.linalg.eigh(gram)
@@ -547,8 +546,13 @@ def _als(
             err_old, err_cur = err_cur, err_new
             stop = err_cur < _ERROR_FLOOR or (err_old - err_cur) < tol * err_old
             if sweeper.fast and (stop or err_cur < _FAST_UNTIL):
-                sweeper.leave_fast()  # let float64 sweeps confirm (or continue) from here
-            elif stop:
+                # let float64 sweeps confirm (or continue) from here: a plain sweep first,
+                # accepted unconditionally, since the float32 phase's error estimate is
+                # only good to ~1e-7 * ||T||^2 and must not be compared with float64 ones
+                sweeper.leave_fast()
+                start, extrapolated, err_cur = current, False, math.inf
+                continue
+            if stop:
                 converged = True
                 break
             if beta > 0 and previous is not None:
@@ -563,9 +567,9 @@ def _als(
             else:
                 start, extrapolated = current, False
         elif not extrapolated:  # a plain ALS sweep cannot increase the error: rounding level
-            if sweeper.fast:
+            if sweeper.fast:  # (float32 rounding level: confirm in float64, as above)
                 sweeper.leave_fast()
-                start = current
+                start, err_cur = current, math.inf
                 continue
             converged = True
             break
