@@ -1,23 +1,45 @@
-"""Run convfx over torchvision classification models: trace, full-rank exactness, reductions, time.
+"""Run convfx over torchvision / timm classification models: trace, full-rank exactness, reductions, time.
 
-For each model (random init, eval mode, small input): trace ok?; convs found / factorized /
-skipped (with reasons); full-rank Tucker output vs eager (float64); conv-MAC reduction at
-rank="vbmf" and at flops_target=0.5; seconds. Anything other than success or a ConvfxError
-naming the module is a failure of convfx, and is reported as such.
+For each model (random init, eval mode, smallest input it accepts): trace ok?; convs found /
+factorized / skipped (with reasons); full-rank Tucker output (SVD for 1x1 convs) vs eager, in
+float64; conv-MAC reduction at rank="vbmf" and at flops_target=0.5 (float32); seconds. Anything
+other than success or a ConvfxError naming the module is a failure of convfx, reported as such.
 
-    python benchmarks/coverage.py --out benchmarks/results/coverage.md            # every builder
-    python benchmarks/coverage.py --models resnet18,mobilenet_v3_small --out /tmp/c.md
+Weight tensors that a builder initialises to exactly zero (ViT heads, timm's zero-init last BN
+of residual blocks) would make the exactness check vacuous (a zero output matches anything);
+they are re-drawn at random before the check and the row says so.
+
+Rows are cached (JSON, one entry per model, written after each model), so a sweep can be
+stopped and continued; the markdown is regenerated from every cached row of the suite.
+Each model runs in a child process by default (a crash, OOM kill or timeout costs one row).
+
+    python benchmarks/coverage.py --out benchmarks/results/coverage.md             # every torchvision builder
+    python benchmarks/coverage.py --suite timm --out benchmarks/results/coverage_timm.md
+    python benchmarks/coverage.py --models resnet18,mobilenet_v3_small --cache '' --out /tmp/c.md
+    python benchmarks/coverage.py --report-only --out benchmarks/results/coverage.md  # markdown from the cache
+    python benchmarks/coverage.py --models regnet_y_128gf --rerun --lean --exact-only  # huge model, less memory
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import datetime
+import fcntl
+import gc
+import json
 import os
 import platform
+import re
+import resource
+import shlex
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -27,88 +49,456 @@ from torch import nn  # noqa: E402
 
 import convfx  # noqa: E402
 
-SIZES = {"inception_v3": 75, "googlenet": 64}
-# Models that need their declared input size (fixed positional embeddings).
-FIXED = ("vit_", "swin_", "maxvit_")
+TOL = 1e-8
+DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "coverage_rows.json"
+
+# torchvision: input 64 unless the builder needs more.
+TV_SIZES = {"inception_v3": 75, "googlenet": 64}
+TV_FIXED = ("vit_", "maxvit_")  # fixed positional embeddings / window partition: declared 224
+
+# timm: (label, timm name, create_model kwargs, what it exercises). Input: 64 if the model
+# accepts it, else its pretrained_cfg input size.
+TIMM_MODELS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("mobilenetv3_small_050", "mobilenetv3_small_050", {}, "depthwise, SE"),
+    ("efficientnet_b0", "efficientnet_b0", {}, "depthwise, SE"),
+    ("mixnet_s", "mixnet_s", {}, "depthwise, mixed kernel sizes (MixedConv2d)"),
+    ("ghostnet_100", "ghostnet_100", {}, "depthwise, ghost modules"),
+    ("rexnet_100", "rexnet_100", {}, "depthwise"),
+    ("tf_mobilenetv3_small_minimal_100", "tf_mobilenetv3_small_minimal_100", {}, "Conv2dSame (dynamic 'same' padding)"),
+    ("efficientnet_cc_b0_4e", "efficientnet_cc_b0_4e", {}, "CondConv2d (per-sample expert kernels)"),
+    ("regnetx_002", "regnetx_002", {}, "grouped"),
+    ("resnext26ts", "resnext26ts", {}, "grouped"),
+    ("ecaresnet26t", "ecaresnet26t", {}, "grouped stem, ECA (Conv1d)"),
+    ("skresnet18", "skresnet18", {}, "selective kernel: grouped + dilated"),
+    ("res2net50_26w_4s", "res2net50_26w_4s", {}, "split/hierarchical convs"),
+    ("resnet18d_os8", "resnet18d", {"output_stride": 8}, "dilated (output_stride=8)"),
+    ("dla34", "dla34", {}, "deep layer aggregation"),
+    ("hrnet_w18_small", "hrnet_w18_small", {}, "multi-resolution branches"),
+    ("dpn68", "dpn68", {}, "dual path, grouped"),
+    ("cspresnet50", "cspresnet50", {}, "cross-stage partial"),
+    ("selecsls42b", "selecsls42b", {}, "SelecSLS"),
+    ("ese_vovnet19b_dw", "ese_vovnet19b_dw", {}, "VoVNet, depthwise, eSE"),
+    ("repvgg_a0", "repvgg_a0", {}, "RepVGG (multi-branch, eval)"),
+    ("tresnet_m", "tresnet_m", {}, "space-to-depth, anti-aliasing"),
+    ("nf_resnet26", "nf_resnet26", {}, "ScaledStdConv2d (weight standardisation in forward)"),
+    ("resnetv2_50x1_bit", "resnetv2_50x1_bit", {}, "StdConv2d (weight standardisation in forward)"),
+    ("convnext_atto", "convnext_atto", {}, "ConvNeXt (depthwise 7x7, layer scale)"),
+    ("poolformer_s12", "poolformer_s12", {}, "MetaFormer (pooling mixer)"),
+    ("edgenext_xx_small", "edgenext_xx_small", {}, "hybrid: conv + transposed attention"),
+    ("mobilevit_xxs", "mobilevit_xxs", {}, "hybrid: MobileViT"),
+    ("efficientformer_l1", "efficientformer_l1", {}, "hybrid: EfficientFormer (attention bias)"),
+    ("fastvit_t8", "fastvit_t8", {}, "hybrid: FastViT (reparam, RepMixer)"),
+    ("levit_128s", "levit_128s", {}, "hybrid: LeViT (conv stem + attention)"),
+    ("convit_tiny", "convit_tiny", {}, "attention: ConViT (gated positional attention)"),
+    ("coatnet_nano_rw_224", "coatnet_nano_rw_224", {}, "hybrid: CoAtNet (MBConv + rel-pos attention)"),
+    ("maxvit_nano_rw_256", "maxvit_nano_rw_256", {}, "hybrid: MaxViT (block/grid attention)"),
+    ("botnet26t_256", "botnet26t_256", {}, "hybrid: ResNet + self-attention"),
+]
+TIMM_BY_LABEL = {t[0]: t for t in TIMM_MODELS}
+
+COLS = ["model", "input", "status", "trace", "convs", "factorized", "skipped", "exact", "vbmf", "target_0.5",
+        "seconds", "peak_gb"]
 
 
-def _input_size(name: str) -> int:
-    if name.startswith(FIXED):
+def machine() -> str:
+    return (f"{platform.machine()} CPU ({os.cpu_count()} cores), {torch.get_num_threads()} threads, niceness "
+            f"{os.nice(0)}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, torch {torch.__version__}")
+
+
+def suite_names(suite: str) -> list[str]:
+    if suite == "timm":
+        return [t[0] for t in TIMM_MODELS]
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _tv_size(name: str) -> int:
+    if name.startswith(TV_FIXED):
         return 224
-    return SIZES.get(name, 64)
+    return TV_SIZES.get(name, 64)
 
 
-def run_one(name: str) -> dict[str, object]:
-    row: dict[str, object] = {"model": name}
-    t0 = time.perf_counter()
-    try:
+def _build(suite: str, name: str) -> tuple[nn.Module, int, str]:
+    """(model in eval mode, input side, note)."""
+    if suite == "torchvision":
         kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-        model = torchvision.models.get_model(name, weights=None, **kw).eval()
-        size = _input_size(name)
+        return torchvision.models.get_model(name, weights=None, **kw).eval(), _tv_size(name), ""
+    import timm  # optional dependency
+
+    _, timm_name, kw, _ = TIMM_BY_LABEL[name]
+    model = timm.create_model(timm_name, pretrained=False, **kw).eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    declared = int(cfg.get("input_size", (3, 224, 224))[-1])
+    if cfg.get("fixed_input_size", False):
+        return model, declared, f"fixed input {declared}"
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+        return model, 64, ""
+    except Exception as err:  # noqa: BLE001 - the model does not take 64x64: use its declared size
+        return model, declared, f"64x64 rejected by eager model ({type(err).__name__}), declared input {declared}"
+
+
+def _redraw_zero_weights(model: nn.Module) -> list[str]:
+    """Re-draw weight tensors initialised to exactly zero (they would hide mismatches)."""
+    names = []
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not p.is_floating_point() or p.numel() == 0 or n.endswith("bias") or bool(p.abs().max() > 0):
+                continue
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            else:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            names.append(n)
+    return names
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    return []
+
+
+def _rel_err(ref: Any, out: Any) -> float | None:
+    r, o = _outputs(ref), _outputs(out)
+    if not r or len(r) != len(o):
+        return float("inf")
+    scale = max(float(t.abs().max()) for t in r)
+    if scale == 0.0:
+        return None  # vacuous: the reference output is identically zero
+    return max(float((a - b).abs().max()) for a, b in zip(r, o)) / scale
+
+
+class _Done(Exception):
+    """Early exit from run_one with a complete row."""
+
+
+def run_one(suite: str, name: str, size: int | None = None, lean: bool = False,
+            exact_only: bool = False) -> dict[str, Any]:
+    """One row. ``lean``: take the reference output first and compress in place (no model copies),
+    rebuilding the model (same seed) for the float32 runs; for models near the memory limit."""
+    row: dict[str, Any] = {"model": name, "suite": suite}
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    try:
+        torch.manual_seed(0)
+        model, default_size, note = _build(suite, name)
+        if note:
+            notes.append(note)
+        size = size or default_size
+        row["input"] = size
+        redrawn = _redraw_zero_weights(model)
+        if redrawn:
+            notes.append(f"re-drew {len(redrawn)} zero-initialised weight tensor(s): {', '.join(redrawn[:3])}"
+                         + (", ..." if len(redrawn) > 3 else ""))
         x = torch.randn(1, 3, size, size)
-        n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-        row["convs"] = n_convs
+        row["convs"] = sum(isinstance(m, nn.Conv2d) for m in model.modules())
         model64, x64 = model.double(), x.double()
-        gm = convfx.compress(model64, x64, method="tucker", rank=1.0)
+        if lean:
+            notes.append("lean mode: reference output taken first, compressed in place, model rebuilt (same seed) "
+                         "for the float32 runs")
+            with torch.no_grad():
+                ref = model64(x64)
+        gm = convfx.compress(model64, x64, method="tucker", rank=1.0, progress=False, inplace=lean)
         rep = gm.convfx_report
         row["trace"] = "ok" + (" (leaf fallbacks)" if rep.notes else "")
+        if rep.notes:
+            notes.extend(rep.notes)
         row["factorized"] = len(rep.factorized)
-        reasons = collections.Counter((r.skipped or "").split(" (")[0] for r in rep.skipped)
+        # One reason per kind: drop parenthesised details and quoted layer names.
+        reasons = collections.Counter(re.sub(r"'[\w\-]*\.[\w.\-]*'", "'…'", (r.skipped or "").split(" (")[0])
+                                      for r in rep.skipped)
         row["skipped"] = "; ".join(f"{n} {k}" for k, n in reasons.most_common())
         with torch.no_grad():
-            ref, out = model64(x64), gm(x64)
-        err = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30))
-        row["exact"] = "yes" if err < 1e-8 else f"NO ({err:.1e})"
-        model32 = model.float()
-        g1 = convfx.compress(model32, x, rank="vbmf")
+            if not lean:
+                ref = model64(x64)
+            out = gm(x64)
+        err = _rel_err(ref, out)
+        row["rel_err"] = err
+        print(f"   {name}: full rank float64 rel err {err}, {time.perf_counter() - t0:.0f} s", flush=True)
+        if err is None:
+            row["exact"] = "vacuous (zero output)"
+        else:
+            row["exact"] = "yes" if err < TOL else f"NO ({err:.1e})"
+        del gm, ref, out, model64, x64
+        gc.collect()
+        if exact_only:
+            row["vbmf"] = row["target_0.5"] = "not run (--exact-only)"
+            row["status"] = "ok"
+            raise _Done
+        if lean:
+            del model
+            gc.collect()
+
+        def model32() -> nn.Module:
+            if not lean:
+                return model.float()
+            torch.manual_seed(0)
+            fresh = _build(suite, name)[0]
+            _redraw_zero_weights(fresh)
+            return fresh
+
+        g1 = convfx.compress(model32(), x, rank="vbmf", progress=False, inplace=lean)
         row["vbmf"] = f"{g1.convfx_report.conv_reduction:.2f}x"
-        g2 = convfx.compress(model32, x, flops_target=0.5)
-        row["target_0.5"] = f"{g2.convfx_report.conv_reduction:.2f}x"
+        print(f"   {name}: vbmf {row['vbmf']}, {time.perf_counter() - t0:.0f} s", flush=True)
+        del g1
+        gc.collect()
+        try:
+            g2 = convfx.compress(model32(), x, flops_target=0.5, progress=False, inplace=lean)
+            row["target_0.5"] = f"{g2.convfx_report.conv_reduction:.2f}x"
+            del g2
+        except ValueError as err:  # the documented answer when skipped convs alone exceed the budget
+            if not str(err).startswith("flops_target: unreachable"):
+                raise
+            row["target_0.5"] = "unreachable"
+            notes.append(f"flops_target=0.5 raised ValueError: {str(err).splitlines()[0]}")
         row["status"] = "ok"
+    except _Done:
+        pass
     except convfx.ConvfxError as err:
-        row["status"] = f"refused: {str(err).splitlines()[0][:120]}"
+        where = getattr(err, "where", None)
+        row["status"] = ("refused: " if where else "refused (no module named): ") + str(err).splitlines()[0][:160]
     except Exception as err:  # noqa: BLE001 - a convfx bug: record it, keep going
-        row["status"] = f"FAILED {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        msg = str(err).splitlines()[0][:160] if str(err) else ""
+        row["status"] = f"FAILED {type(err).__name__}: {msg}"
+        row["traceback"] = traceback.format_exc()[-4000:]
         traceback.print_exc()
-    row["seconds"] = f"{time.perf_counter() - t0:.1f}"
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["peak_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
+    row["notes"] = notes
+    row["machine"] = machine()
     return row
 
 
-COLS = ["model", "status", "trace", "convs", "factorized", "skipped", "exact", "vbmf", "target_0.5", "seconds"]
+def run_isolated(suite: str, name: str, size: int | None, threads: int, timeout: float,
+                 lean: bool = False, exact_only: bool = False) -> dict[str, Any]:
+    """run_one in a child process; a crash, kill or timeout becomes a 'not run' row."""
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "row.json"
+        cmd = [sys.executable, __file__, "--suite", suite, "--one", name, "--row-out", str(out),
+               "--threads", str(threads)] + (["--size", str(size)] if size else []) + (["--lean"] if lean else []) \
+        + (["--exact-only"] if exact_only else [])
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"model": name, "suite": suite, "status": f"not run: timed out after {timeout:.0f} s",
+                    "seconds": round(time.perf_counter() - t0, 1), "notes": []}
+        if out.exists():
+            return json.loads(out.read_text())
+        why = f"killed by signal {-rc}" + (" (likely out of memory)" if rc == -signal.SIGKILL else "") \
+            if rc < 0 else f"child exited {rc} without a row"
+        return {"model": name, "suite": suite, "status": f"not run: {why}",
+                "seconds": round(time.perf_counter() - t0, 1), "notes": []}
 
+
+# ---------------------------------------------------------------------------------------- cache
+
+def load_cache(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.exists():
+        return {"runs": [], "rows": {}}
+    return json.loads(path.read_text())
+
+
+def update_cache(path: Path | None, cache: dict[str, Any], key: str | None = None,
+                 row: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> None:
+    """Add a row / run to ``cache`` and merge it into the file (other sweeps may write it too)."""
+    if key is not None:
+        cache["rows"][key] = row
+    if run is not None:
+        cache["runs"].append(run)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(tempfile.gettempdir()) / f"convfx_{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load_cache(path)
+        if key is not None:
+            disk["rows"][key] = row
+        if run is not None:
+            disk["runs"].append(run)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(disk, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    cache.update(disk)
+
+
+def _key(suite: str, name: str) -> str:
+    return f"{suite}:{name}"
+
+
+# ------------------------------------------------------------------------------------- markdown
+
+def classify(row: dict[str, Any]) -> str:
+    s = str(row.get("status", ""))
+    if s == "ok":
+        return "mismatch" if str(row.get("exact", "")).startswith("NO") else "ok"
+    if s.startswith("refused"):
+        return "refused"
+    if s.startswith("not run"):
+        return "not run"
+    return "failed"
+
+
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    c = collections.Counter(classify(r) for r in rows)
+    vacuous = sum(str(r.get("exact", "")).startswith("vacuous") for r in rows)
+    unnamed = sum(str(r.get("status", "")).startswith("refused (no module") for r in rows)
+    s = (f"{len(rows)} models: {c['ok']} compressed exactly at full rank, {c['mismatch']} full-rank mismatches, "
+         f"{c['refused']} refused with ConvfxError, {c['failed']} failed otherwise, {c['not run']} not run")
+    if vacuous or unnamed:
+        s += f" ({vacuous} vacuous exactness checks, {unnamed} refusals not naming a module)"
+    return s + "."
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    v = row.get(col, "-")
+    if col == "model" and row.get("imported"):
+        v = f"{v} †"
+    if col == "model" and row.get("notes"):
+        v = f"{v} [^{row['_fn']}]"
+    return str(v).replace("|", "\\|")
+
+
+def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: dict[str, Any],
+           cache_path: Path | None, cmd: str) -> str:
+    title = "torchvision classification models" if suite == "torchvision" else "timm models (random init)"
+    try:
+        import timm
+        versions = f", timm {timm.__version__}"
+    except ImportError:
+        versions = ""
+    if suite == "torchvision":
+        inputs = ("input 1x3xSxS with S=64 (224 for ViT and MaxViT: fixed positional embeddings / window "
+                  "partition; 75 for Inception-v3)")
+    else:
+        inputs = ("`timm.create_model(name, pretrained=False, **kwargs)`; input 1x3xSxS with S=64 if the eager "
+                  "model accepts it, else its pretrained_cfg input size (always that size when "
+                  "`fixed_input_size`)")
+    runs: dict[str, list[str]] = {}
+    for r in cache.get("runs", []):
+        if r.get("suite") == suite:
+            runs.setdefault(r["cmd"], []).append(r["date"])
+    where = os.path.relpath(cache_path) if cache_path is not None else None
+    lines = [f"# convfx coverage over {title}", "",
+             f"Command{' (regenerates this file from the row cache)' if where else ''}: `{cmd}`", ""]
+    if runs and where:
+        lines += [(f"Rows accumulated in `{where}` by these runs (each model in its own process; a run stopped "
+                   "part-way was continued by the same command, which skips cached rows):"), ""]
+        lines += [f"- `{c}` ({', '.join(d)})" for c, d in runs.items()]
+        lines.append("")
+    if any(r.get("imported") for r in rows):
+        lines += [("Rows marked † come from the previous session's in-process sweep with the earlier version of "
+                   "this script (before the row cache; copied from its printed output). That version did not "
+                   "re-draw zero-initialised weights; none of those builders has any (checked), so their "
+                   "exactness checks stand."), ""]
+    machines = collections.Counter(str(r.get("machine", "not recorded (imported row)")) for r in rows)
+    lines += [("Machine(s), rows each: " + "; ".join(f"{m}: {n}" for m, n in machines.most_common())
+               + f". Shared with other jobs. torchvision {torchvision.__version__}{versions}."), "",
+              (f"Random init (`torch.manual_seed(0)`), eval mode; {inputs}. "
+              "Weight tensors initialised to exactly zero are re-drawn (noted per row) so that the check is not "
+              f"vacuous. Exactness: full-rank Tucker-2 (SVD for 1x1) in float64, max|diff| / max|ref| < {TOL:g} "
+              "on the model output. vbmf / target_0.5: conv-MAC reduction in float32 at `rank=\"vbmf\"` and "
+              "`flops_target=0.5`. seconds: all three compressions plus the checks; peak_gb: the process's peak "
+              "RSS."), "", summary_line(rows), ""]
+    if missing:
+        lines += [f"Not run yet: {', '.join(missing)}.", ""]
+    if suite == "timm":
+        lines += ["| model | exercises |", "|---|---|"]
+        lines += [f"| {t[0]} | `{t[1]}`{' ' + str(t[2]) if t[2] else ''}: {t[3]} |" for t in TIMM_MODELS]
+        lines.append("")
+    lines += ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+    fn = 0
+    notes = []
+    for r in rows:
+        if r.get("notes"):
+            fn += 1
+            r = dict(r, _fn=fn)
+            notes.append(f"[^{fn}]: {r['model']}: " + "; ".join(r["notes"]))
+        lines.append("| " + " | ".join(_cell(r, c) for c in COLS) + " |")
+    if notes:
+        lines += [""] + notes
+    fails = [r for r in rows if classify(r) == "failed" and r.get("traceback")]
+    if fails:
+        lines += ["", "## Tracebacks of failures", ""]
+        for r in fails:
+            lines += [f"### {r['model']}", "", "```", r["traceback"].rstrip(), "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="", help="comma-separated subset (default: every classification builder)")
+    ap.add_argument("--suite", choices=["torchvision", "timm"], default="torchvision")
+    ap.add_argument("--models", default="", help="comma-separated subset (default: the whole suite)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="markdown to (re)write from every cached row")
+    ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="JSON row cache ('' for none)")
+    ap.add_argument("--rerun", action="store_true", help="run models even if they have a cached row")
+    ap.add_argument("--report-only", action="store_true", help="only regenerate --out from the cache")
+    ap.add_argument("--in-process", action="store_true", help="do not isolate each model in a child process")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per model (child process)")
+    ap.add_argument("--size", type=int, default=None, help="override the input side (e.g. for huge models)")
+    ap.add_argument("--lean", action="store_true", help="no model copies (for models near the memory limit)")
+    ap.add_argument("--exact-only", action="store_true", help="only the float64 full-rank check (huge models)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--row-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [m for m in args.models.split(",") if m] or sorted(torchvision.models.list_models(module=torchvision.models))
-    rows = []
-    for name in names:
-        rows.append(run_one(name))
-        print(" | ".join(str(rows[-1].get(c, "-")) for c in COLS), flush=True)
-    ok = sum(r["status"] == "ok" for r in rows)
-    refused = sum(str(r["status"]).startswith("refused") for r in rows)
-    failed = len(rows) - ok - refused
-    mismatches = sum(str(r.get("exact", "")).startswith("NO") for r in rows)
-    summary = (f"{len(rows)} models: {ok} compressed (exactness checked at full rank), {refused} refused with "
-               f"ConvfxError, {failed} failed otherwise; {mismatches} full-rank mismatches.")
-    print(summary)
+
+    if args.one is not None:  # child mode
+        row = run_one(args.suite, args.one, args.size, args.lean, args.exact_only)
+        args.row_out.write_text(json.dumps(row))
+        return 0
+
+    cache_path = Path(args.cache) if args.cache else None
+    cache = load_cache(cache_path)
+    all_names = suite_names(args.suite)
+    names = [m for m in args.models.split(",") if m] or all_names
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        ap.error(f"not in the {args.suite} suite: {', '.join(unknown)}")
+    cmd = "python " + shlex.join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    if not args.report_only:
+        todo = [n for n in names if args.rerun or _key(args.suite, n) not in cache["rows"]]
+        if todo:
+            update_cache(cache_path, cache, run={"suite": args.suite, "cmd": cmd,
+                                                 "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")})
+        print(f"{len(todo)} to run, {len(names) - len(todo)} cached", flush=True)
+        for name in todo:
+            print(f"-- {name} ...", flush=True)
+            if args.in_process:
+                row = run_one(args.suite, name, args.size, args.lean, args.exact_only)
+            else:
+                row = run_isolated(args.suite, name, args.size, args.threads, args.timeout, args.lean,
+                                   args.exact_only)
+            if args.size:
+                row["notes"] = list(row.get("notes", [])) + [f"input overridden with --size {args.size}"]
+            update_cache(cache_path, cache, _key(args.suite, name), row)
+            print(" | ".join(str(row.get(c, "-")) for c in COLS), flush=True)
+            if row.get("notes"):
+                print("   notes: " + "; ".join(row["notes"]), flush=True)
+    # The report covers every cached row of the suite (or, without a cache, what just ran).
+    report_names = all_names if cache_path is not None and not args.models else names
+    rows = [cache["rows"][_key(args.suite, n)] for n in report_names if _key(args.suite, n) in cache["rows"]]
+    missing = [n for n in report_names if _key(args.suite, n) not in cache["rows"]]
+    print(summary_line(rows), flush=True)
     if args.out is not None:
-        cmd = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
-        lines = ["# convfx coverage over torchvision classification models", "", f"Command: `{cmd}`", "",
-                 f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                 f"torchvision {torchvision.__version__}. Random init, eval mode; input 1x3xSxS with S=64 "
-                 "(224 for ViT/Swin/MaxViT, 75 for Inception-v3). Exactness: full-rank Tucker/SVD in float64, "
-                 "max |diff| / max |ref| < 1e-8.", "", summary, "",
-                 "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
-        lines += ["| " + " | ".join(str(r.get(c, "-")) for c in COLS) + " |" for r in rows]
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
-    return 0 if failed == 0 and mismatches == 0 else 1
+        args.out.write_text(render(args.suite, rows, missing, cache, cache_path, cmd))
+        print(f"wrote {args.out}", flush=True)
+    bad = sum(classify(r) in ("failed", "mismatch") for r in rows)
+    return 0 if bad == 0 else 1
 
 
 if __name__ == "__main__":
