@@ -117,9 +117,10 @@ def _conv_modules_outside_graph(model: nn.Module, seen: set[str], traced: TraceR
             continue
         if any(name == p or name.startswith(p + ".") for p in seen):
             continue
-        leaf = next((p for p in traced.leaf_fallbacks if name.startswith(p + ".")), None)
+        leaf = next((p for p in traced.leaf_fallbacks if name == p or name.startswith(p + ".")), None)
         if leaf is not None:
-            reason = f"inside {leaf!r}, which could not be traced and is kept as a leaf"
+            reason = (f"{leaf!r} could not be traced and is kept as a leaf" if leaf == name
+                      else f"inside {leaf!r}, which could not be traced and is kept as a leaf")
         elif isinstance(mod, nn.Conv2d) and not is_plain_conv(mod):
             reason = "conv subclass whose forward does not call F.conv2d on its own weight"
         else:

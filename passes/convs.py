@@ -91,6 +91,9 @@ class Site:
     weight: torch.Tensor
     bias: torch.Tensor | None
     nodes: list[fx.Node] = field(default_factory=list)
+    # get_attr nodes elsewhere in the graph that read only the weight's/bias's dtype or
+    # device (e.g. ``x.to(self.conv.weight.dtype)``); the rewrite points them at a factor.
+    meta_reads: list[fx.Node] = field(default_factory=list)
 
 
 @dataclass
@@ -132,12 +135,40 @@ def _attr_owner(target: str, attr: str) -> str | None:
     return target[: -len(suffix)] if target.endswith(suffix) else None
 
 
+_META_ATTRS = frozenset({"dtype", "device", "is_cuda"})
+
+
+def _metadata_only(attr_node: fx.Node, besides: fx.Node | None = None) -> bool:
+    """Whether every user of ``attr_node`` (other than ``besides``) only reads its dtype/device."""
+    return all(u is besides or (u.op == "call_function" and u.target is getattr and len(u.args) == 2
+                                and u.args[1] in _META_ATTRS) for u in attr_node.users)
+
+
+def _computed_weight_owner(w: fx.Node) -> str | None:
+    """The module whose ``weight`` parameter a computed conv weight is derived from, if any."""
+    todo, seen = [w], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            owner = _attr_owner(str(n.target), "weight")
+            if owner:
+                return owner
+        todo.extend(n.all_input_nodes)
+    return None
+
+
 def _function_site(gm: fx.GraphModule, node: fx.Node) -> Site | SkippedLayer:
     a = _conv_call_args(node)
     w = a["weight"]
     label = f"{node.name} (functional conv2d)"
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-        return SkippedLayer(label, "weight is computed in the graph, not a module parameter")
+        owner = _computed_weight_owner(w) if isinstance(w, fx.Node) else None
+        return SkippedLayer(owner or label, "weight is computed in forward (e.g. standardized) from the "
+                            "parameter, not used as it is" if owner else
+                            "weight is computed in the graph, not a module parameter")
     owner = _attr_owner(str(w.target), "weight")
     if owner is None or owner == "":
         return SkippedLayer(label, f"weight attribute {w.target!r} is not a module's 'weight'")
@@ -147,9 +178,12 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> Site | SkippedLayer:
         if not (isinstance(b, fx.Node) and b.op == "get_attr" and _attr_owner(str(b.target), "bias") == owner):
             return SkippedLayer(owner, "bias is not the same module's 'bias' parameter")
         bias = getattr(gm.get_submodule(owner), "bias")
+    meta_reads = []
     for attr_node in [w] + ([b] if isinstance(b, fx.Node) else []):
-        if any(u is not node for u in attr_node.users):
+        if not _metadata_only(attr_node, besides=node):
             return SkippedLayer(owner, f"{attr_node.target!r} is also used outside the convolution")
+        if len(attr_node.users) > 1:
+            meta_reads.append(attr_node)
     weight = getattr(gm.get_submodule(owner), "weight")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         return SkippedLayer(owner, "functional conv weight is not a 4-d tensor")
@@ -158,7 +192,7 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> Site | SkippedLayer:
     pad = a["padding"] if isinstance(a["padding"], str) else _pair(a["padding"])
     geom = ConvGeometry(c_in_g * groups, c_out, (kh, kw), _pair(a["stride"]), pad, _pair(a["dilation"]),
                         groups, "zeros", bias is not None)
-    return Site(owner, "function", geom, weight, bias, [node])
+    return Site(owner, "function", geom, weight, bias, [node], meta_reads)
 
 
 def find_sites(gm: fx.GraphModule, *, include_linear: bool = True) -> tuple[list[Site], list[SkippedLayer]]:
@@ -198,4 +232,26 @@ def find_sites(gm: fx.GraphModule, *, include_linear: bool = True) -> tuple[list
         else:
             del sites[found.fqn]
             skipped.append(SkippedLayer(found.fqn, "called more than once with different conv arguments"))
+    _check_parameter_reads(gm, sites, skipped)
     return list(sites.values()), skipped
+
+
+def _check_parameter_reads(gm: fx.GraphModule, sites: dict[str, Site], skipped: list[SkippedLayer]) -> None:
+    """Module sites whose weight/bias other nodes read: keep dtype/device reads, skip the rest.
+
+    The rewrite removes the original parameters, so any other read would dangle.
+    """
+    reads: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            owner, _, attr = str(n.target).rpartition(".")
+            if attr in ("weight", "bias") and owner in sites and sites[owner].kind != "function":
+                reads.setdefault(owner, []).append(n)
+    for fqn, nodes in reads.items():
+        if all(_metadata_only(n) for n in nodes):
+            sites[fqn].meta_reads.extend(nodes)
+        else:
+            del sites[fqn]
+            users = sorted({u.name for n in nodes for u in n.users})
+            skipped.append(SkippedLayer(fqn, f"its weight/bias is also read by other graph nodes "
+                                             f"({', '.join(users[:4])}); factorizing would break them"))

@@ -96,6 +96,9 @@ def factorize_sites(gm: fx.GraphModule, sites: list[Site], plans: dict[str, Fact
                 if not a.users:
                     graph.erase_node(a)
             chains.append(chain)
+        for a in site.meta_reads:  # dtype/device reads: the first factor has the same ones
+            if a.graph is graph and a.users:
+                a.target = f"{site.fqn}.0.weight"
         done.append(FactorizedSite(site.fqn, container, chains))
     graph.lint()
     gm.delete_all_unused_submodules()

@@ -395,3 +395,61 @@ def test_analyze_plain_and_inputs_inferred() -> None:
     assert a.total_macs == a.conv_macs + 4 * 224 * 224 * 2
     assert a.params == sum(p.numel() for p in model.parameters())
     assert a.assumptions and a.conv_gflops == pytest.approx(2 * a.conv_macs / 1e9)
+
+
+class _ReadsWeightDtype(nn.Module):
+    """``x.to(self.conv.weight.dtype)``: timm's edgenext positional encoding and many HF modules."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.conv.weight.dtype).to(self.conv.bias.device)
+        if self.functional:
+            return F.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+        return self.conv(x)
+
+
+class _ReadsWeightValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.conv.weight.mean()
+
+
+class _StandardizedConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_dtype_and_device_reads_of_a_factorized_weight_keep_working(functional: bool) -> None:
+    model = _ReadsWeightDtype(functional).to(torch.float64).eval()
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float32)  # the model casts it to float64 itself
+    gm = convfx.compress(model, x, rank=1.0)
+    assert [r.fqn for r in gm.convfx_report.factorized] == ["conv"]
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-10)
+
+
+def test_other_reads_of_a_weight_skip_the_layer_with_a_reason() -> None:
+    model = _ReadsWeightValues().eval()
+    x = torch.randn(1, 8, 10, 10)
+    gm = convfx.compress(model, x, rank=1.0)
+    (row,) = gm.convfx_report.skipped
+    assert row.fqn == "conv" and "also read by other graph nodes" in row.skipped
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))
+
+
+def test_computed_weight_is_reported_once_under_its_module() -> None:
+    model = nn.Sequential(_StandardizedConv(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3)).eval()
+    gm = convfx.compress(model, torch.randn(1, 4, 12, 12), rank=1.0)
+    skipped = gm.convfx_report.skipped
+    assert [(r.fqn, "computed in forward" in r.skipped) for r in skipped] == [("0", True)]
+    assert [r.fqn for r in gm.convfx_report.factorized] == ["1"]
