@@ -20,7 +20,7 @@ from torch import nn
 from passes.convs import Site, SkippedLayer, find_sites, set_submodule
 from passes.errors import ConvfxError
 from passes.allocate import Candidate, allocate, layer_candidates
-from passes.calibrate import Frontier, channel_stats, collect_moments, fit_factors
+from passes.calibrate import Frontier, bn_output_scale, channel_stats, collect_moments, fit_factors, layer_sensitivity
 from passes.decompose import relative_error
 from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, max_ranks, original_cost
 from passes.flops import annotate_macs, eval_mode, fvcore_macs, propagate_shapes
@@ -206,14 +206,29 @@ def _round_plans(sites: list[Site], plans: dict[str, FactorPlan | str], rank: Ra
     return out
 
 
-def _allocate(sites: list[Site], method: str, target: float, conv_before: int, ref: fx.GraphModule | None,
-              batches: list[tuple[Any, ...]], multiple: int) -> dict[str, FactorPlan | str]:
-    """The FLOP-budget allocation pass: per-layer error/MAC curves, then a global choice."""
+#: Calibration images used to measure per-layer sensitivity (one forward pass per layer).
+_SENSITIVITY_IMAGES = 16
+
+
+def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float, conv_before: int,
+              ref: fx.GraphModule | None, batches: list[tuple[Any, ...]], multiple: int
+              ) -> dict[str, FactorPlan | str]:
+    """The FLOP-budget allocation pass: per-layer error/MAC curves, then a global choice.
+
+    With calibration data each layer's predicted output error is weighted by its measured
+    sensitivity (:func:`passes.calibrate.layer_sensitivity`).
+    """
+    sites_by_fqn = {s.fqn: s for s in sites}
     stats = {}
+    sens: dict[str, float] = {}
+    scales = {s.fqn: bn_output_scale(gm, s.nodes[0]) if len(s.nodes) == 1 else None for s in sites}
     if ref is not None and batches:
         node_to_site = {n.name: s.fqn for s in sites for n in s.nodes if skip_reason(s.geometry) is None}
         with eval_mode(ref):
             stats = channel_stats(ref, node_to_site, batches)
+            first = tuple(b[:_SENSITIVITY_IMAGES] if isinstance(b, torch.Tensor) else b for b in batches[0])
+            sens = layer_sensitivity(ref, {k: v for k, v in node_to_site.items()
+                                           if not sites_by_fqn[v].geometry.linear}, first, scales)
     curves = {}
     fixed = conv_before
     plans: dict[str, FactorPlan | str] = {}
@@ -231,8 +246,9 @@ def _allocate(sites: list[Site], method: str, target: float, conv_before: int, r
         n_calls = len(site.nodes)
         st = stats.get(site.fqn)
         cands = layer_candidates(site, layer_method(site.geometry, method), in_shape,
-                                 st.c_in if st else None, st.c_out if st else None, multiple)
-        curves[site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2) for c in cands]
+                                 st.c_in if st else None, st.c_out if st else None, multiple, scales[site.fqn])
+        weight = sens.get(site.fqn, 1.0)
+        curves[site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2 * weight) for c in cands]
         fixed -= cands[0].macs * n_calls
     chosen = allocate(curves, int(math.floor(target * conv_before)), fixed)
     for fqn, cand in chosen.items():
@@ -269,7 +285,8 @@ def _fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site]
             cp_init = None
             if plan.method == "cp":
                 cp_init, _ = decompose_weights(site.weight, site.bias, site.geometry, plan)
-            ws, w_hat, out_err = fit_factors(site.weight, site.geometry, plan.method, plan.ranks, st, cp_init)
+            ws, w_hat, out_err = fit_factors(site.weight, site.geometry, plan.method, plan.ranks, st, cp_init,
+                                             out_scale=bn_output_scale(gm, site.nodes[0]))
             errors[site.fqn] = relative_error(site.weight, w_hat)
             out_errors[site.fqn] = out_err
             done += factorize_sites(gm, [site], {site.fqn: plan}, lambda _s, _p, ws=ws: ws)
@@ -367,7 +384,7 @@ def compress(
 
     ref = trace(model).gm if batches else None
     if flops_target is not None:
-        plans = _allocate(chosen, method, float(flops_target), conv_before, ref, batches, rank_multiple)
+        plans = _allocate(gm, chosen, method, float(flops_target), conv_before, ref, batches, rank_multiple)
     else:
         plans = select_ranks(chosen, method, rank)
         if rank_multiple > 1:

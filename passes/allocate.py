@@ -66,11 +66,20 @@ def _sqrt_psd(c: Tensor) -> Tensor:
 
 
 def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: Tensor | None,
-                     c_out: Tensor | None, multiple: int = 1) -> list[Candidate]:
-    """All candidate plans for one layer with their MACs and predicted error²."""
+                     c_out: Tensor | None, multiple: int = 1, out_scale: Tensor | None = None) -> list[Candidate]:
+    """All candidate plans for one layer with their MACs and predicted error².
+
+    ``out_scale`` (per output channel: the following BN's |γ|/σ) measures errors in the
+    normalized output space that the rest of the network sees.
+    """
     g = site.geometry
     w = site.weight.detach().to(torch.float64)
     cout = g.out_channels
+    if out_scale is not None:
+        d = out_scale.to(w.device, torch.float64)
+        w = w * d.view(-1, *([1] * (w.dim() - 1)))
+        if c_out is not None:
+            c_out = c_out.to(w.device, torch.float64) * d[:, None] * d[None, :]
     base = original_cost(g, in_shape)[0]
     cands = [Candidate(None, base, 0.0)]
     root = _sqrt_psd(c_in.to(w.device)) if c_in is not None else None

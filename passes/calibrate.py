@@ -31,7 +31,7 @@ from .decompose import unfold
 from .factors import output_hw
 
 __all__ = [
-    "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
+    "bn_output_scale", "layer_sensitivity", "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
     "channel_stats",
 ]
 
@@ -174,13 +174,41 @@ def _reduced_rank(w: Tensor, st: MomentStats, r: int) -> tuple[Tensor, Tensor]:
     chol = _cholesky(c)  # C = L Lᵀ
     u, s, vh = torch.linalg.svd(w_ls @ chol, full_matrices=False)
     r = min(r, s.numel())
-    # Ŵ = U_r S_r V_rᵀ L^{-1}; re-split it by its own SVD so both factors carry √σ of Ŵ
-    # itself (L^{-1} alone can make b tiny or huge, which SGD fine-tuning cannot handle).
     b0 = torch.linalg.solve_triangular(chol.T, vh[:r].T, upper=True).T  # V_rᵀ L^{-1}
-    q, tri = torch.linalg.qr(b0.T)  # b0 = triᵀ qᵀ
-    u2, s2, vh2 = torch.linalg.svd((u[:, :r] * s[:r]) @ tri.T, full_matrices=False)
+    return _rebalanced(u[:, :r] * s[:r], b0)
+
+
+def _rebalanced(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The same product a @ b, re-split by its own SVD so both factors carry √σ.
+
+    Why: whitening (L^{-1}) or output scaling can leave one factor tiny and the other huge,
+    which SGD fine-tuning cannot handle.
+    """
+    q, tri = torch.linalg.qr(b.T)  # b = triᵀ qᵀ
+    u2, s2, vh2 = torch.linalg.svd(a @ tri.T, full_matrices=False)
     root = s2.clamp_min(float(s2[0]) * 1e-12 if s2.numel() else 1.0).sqrt()
     return u2 * root, (root[:, None] * vh2) @ q.T
+
+
+def bn_output_scale(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tensor | None:
+    """|γ| / sqrt(var + eps) of the BatchNorm that alone consumes ``node``'s output, if any.
+
+    Why: BN rescales every output channel to unit variance, so a low-variance channel
+    matters as much as a loud one; fitting and allocating in the BN-normalized metric
+    stops rank cuts from silently erasing quiet channels.
+    """
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    bn = gm.get_submodule(str(users[0].target))
+    if not isinstance(bn, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) or bn.running_var is None:
+        return None
+    scale = (bn.running_var.detach().to(torch.float64) + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().to(torch.float64).abs()
+    if not bool(torch.isfinite(scale).all()) or float(scale.max()) <= 0:
+        return None
+    return scale.clamp_min(float(scale.max()) * 1e-6)
 
 
 def _channel_cov(st: MomentStats, cin: int) -> Tensor:
@@ -242,22 +270,31 @@ def _cp_last_refit(w4: Tensor, st: MomentStats, first: Tensor, vert: Tensor, hor
 
 
 def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[int, ...],
-                st: MomentStats, cp_init: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor, float]:
+                st: MomentStats, cp_init: list[Tensor] | None = None,
+                out_scale: Tensor | None = None) -> tuple[list[Tensor], Tensor, float]:
     """Data-aware factor weights for one layer.
+
+    ``out_scale`` (per output channel, e.g. :func:`bn_output_scale`) weights the output
+    error; CP's last-factor refit solves each output channel separately, so it needs none.
 
     Returns ``(weights per factor, Ŵ as a full kernel, relative output error)``. ``cp_init``
     carries data-free CP factors when ``method == "cp"``.
     """
     w = weight.detach().to(torch.float64)
     cout = w.shape[0]
+    d = (out_scale.to(w.device, torch.float64) if out_scale is not None
+         else torch.ones(cout, dtype=torch.float64, device=w.device))
+    dw = w * d.view(-1, *([1] * (w.dim() - 1)))  # fit in the output metric BN will see
     if method == "svd":
-        a, b = _reduced_rank(w.reshape(cout, -1), st, ranks[0])
+        a, b = _reduced_rank(dw.reshape(cout, -1), st, ranks[0])
+        a, b = _rebalanced(a / d[:, None], b)
         w_hat = (a @ b).reshape(w.shape)
         out = [b, a] if geom.linear else [b.reshape(b.shape[0], *w.shape[1:]), a.reshape(cout, -1, 1, 1)]
     elif method == "tucker":
-        out = _tucker_fit(w, geom, st, (ranks[0], ranks[1]))
-        p, g, u = out
-        w_hat = torch.einsum("abhw,oa,bi->oihw", g, u[:, :, 0, 0], p[:, :, 0, 0])
+        p, g, u = _tucker_fit(dw, geom, st, (ranks[0], ranks[1]))
+        p, g, u2 = _orthonormal_tucker(p[:, :, 0, 0], g, u[:, :, 0, 0] / d[:, None])
+        out = [p.reshape(p.shape[0], -1, 1, 1), g, u2.reshape(cout, -1, 1, 1)]
+        w_hat = torch.einsum("abhw,oa,bi->oihw", g, u2, p)
     else:
         assert cp_init is not None
         first, vert, horiz = (t.to(torch.float64) for t in cp_init[:3])
@@ -362,3 +399,47 @@ def channel_stats(ref: torch.fx.GraphModule, node_to_site: dict[str, str],
         for batch in batches:
             _ChannelRecorder(ref, node_to_site, acc).run(*batch)
     return {k: ChannelStats(v[0], v[1]) for k, v in acc.items()}
+
+
+class _Perturbed(torch.fx.Interpreter):
+    """Runs the graph with relative noise ``eps`` added to one node's output."""
+
+    def __init__(self, gm: torch.fx.GraphModule, node_name: str, eps: float, scale: Tensor | None) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.node_name, self.eps, self.scale = node_name, eps, scale
+
+    def run_node(self, n: torch.fx.Node) -> object:
+        out = super().run_node(n)
+        if n.name != self.node_name or not isinstance(out, Tensor) or out.dim() < 2:
+            return out
+        shape = [1, out.shape[1]] + [1] * (out.dim() - 2)
+        d = (self.scale.to(out.device, out.dtype) if self.scale is not None
+             else torch.ones(out.shape[1], dtype=out.dtype, device=out.device)).view(shape)
+        rms = (out * d).pow(2).mean().sqrt()
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+        return out + noise * (self.eps * rms) / d
+
+
+def layer_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], batch: tuple[object, ...],
+                      scales: dict[str, Tensor | None], eps: float = 0.1) -> dict[str, float]:
+    """How much each layer's relative output error is amplified at the model's output.
+
+    Why: per-layer output errors are not equally harmful; an early layer's error runs
+    through the whole network. For each site, noise of relative energy eps² (in the
+    BN-normalized metric of ``scales``) is added to its output on one calibration batch,
+    and the relative squared change of the model's output, divided by eps², is returned.
+    Models whose output is not a single tensor get no entry (the allocation then weights
+    every layer alike).
+    """
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        base = torch.fx.Interpreter(ref).run(*batch)
+        if not isinstance(base, Tensor):
+            return out
+        ref_energy = float(base.double().pow(2).sum().clamp_min(1e-30))
+        for node_name, fqn in node_to_site.items():
+            y = _Perturbed(ref, node_name, eps, scales.get(fqn)).run(*batch)
+            out[fqn] = float((y - base).double().pow(2).sum()) / ref_energy / eps**2
+    return out

@@ -165,3 +165,29 @@ def test_calibration_survives_singular_input_covariance(method: str) -> None:
         out = gm(calib)
     assert torch.isfinite(out).all()
     assert _rel_out_err(model, gm, calib) < 1.0
+
+
+class _LoudAndQuiet(nn.Module):
+    """Two identical-shape convs whose outputs reach the model output with weights 1 and 0.01."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud = nn.Conv2d(16, 16, 3, padding=1)
+        self.quiet = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_sensitivity_steers_the_allocation() -> None:
+    """The layer whose errors barely reach the output gets the deeper cut."""
+    torch.manual_seed(0)
+    model = _LoudAndQuiet().eval()
+    with torch.no_grad():
+        model.quiet.weight.copy_(model.loud.weight)  # same spectra: only sensitivity differs
+        model.quiet.bias.copy_(model.loud.bias)
+    calib = _correlated_images(32, 16, 8, rank=16, seed=5)
+    gm = convfx.compress(model, calib[:1], flops_target=0.6, calibration=[calib])
+    ranks = {r.fqn: r.ranks for r in gm.convfx_report.factorized}
+    loud = ranks.get("loud", (16, 16))  # absent: kept at full cost
+    assert sum(ranks["quiet"]) < sum(loud), ranks
