@@ -543,7 +543,7 @@ def merge(paths: list[Path]) -> Results:
 
     def measured_later(note: str) -> bool:  # "<model> <method> at <t>x: not run ..." with a row from another run
         head = note.split(":", 1)[0].split()
-        if "not run" not in note or len(head) != 4:
+        if not ("not run" in note or "failed" in note) or len(head) != 4:
             return False
         model, method, _, t = head
         return any(r.model == model and r.method in (method, method + "+KD") and r.target == float(t.rstrip("x"))
