@@ -542,7 +542,7 @@ def merge(paths: list[Path]) -> Results:
     res.rows = list(rows.values())
 
     def measured_later(note: str) -> bool:  # "<model> <method> at <t>x: not run ..." with a row from another run
-        head = note.split(":", 1)[0].split()
+        head = note.split(":", 1)[0].split()[:4]
         if not ("not run" in note or "failed" in note) or len(head) != 4:
             return False
         model, method, _, t = head
