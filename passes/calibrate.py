@@ -243,8 +243,8 @@ def _tucker_fit(w4: Tensor, geom: ConvGeometry, st: MomentStats, ranks: tuple[in
         u_out = torch.linalg.solve(h_cov, (c_yz @ g.T).T).T
         gram = _ridge(u_out.T @ u_out)
         g = torch.linalg.solve(gram, torch.linalg.solve(c_zz, (u_out.T @ c_yz).T).T)
-    p, g, u_out = _orthonormal_tucker(p, g.reshape(r_out, r_in, kh, kw), u_out)
-    return [p.reshape(r_in, cin, 1, 1), g, u_out.reshape(cout, r_out, 1, 1)]
+    # fit_factors re-expresses these with orthonormal outer factors (_orthonormal_tucker).
+    return [p.reshape(r_in, cin, 1, 1), g.reshape(r_out, r_in, kh, kw), u_out.reshape(cout, r_out, 1, 1)]
 
 
 def _orthonormal_tucker(p: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:

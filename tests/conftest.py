@@ -7,3 +7,20 @@ import os
 # shared with subprocesses (DDP and fault tests) that turns millisecond ops into seconds.
 # It must be set before torch is imported, which is why it lives here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors run faster without synchronisation on a
+    busy machine, and bit-exact comparisons need a fixed thread count. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import string
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -63,15 +62,8 @@ def reference_als(t: torch.Tensor, rank: int, n_iter: int, seed: int = 0) -> flo
     return _rel(t, _kruskal(factors))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: extra threads only add synchronisation (and contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# These tensors are tiny: extra threads only add synchronisation (and contention).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- (a) recovery

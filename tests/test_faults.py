@@ -44,13 +44,8 @@ def _load_toy() -> ModuleType:
 toy = _load_toy()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The worker runs single-threaded; bit-exact comparisons need the same here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The worker runs single-threaded; bit-exact comparisons need the same here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +55,8 @@ class TinyNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny decompositions run many times faster single-threaded on busy CI machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny decompositions run many times faster single-threaded on busy CI machines.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _with_linear(module: nn.Module, fqn: str) -> bool:

@@ -38,13 +38,8 @@ def _load_toy() -> ModuleType:
 toy = _load_toy()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bit-exact comparisons need a fixed intra-op thread count (and the box is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Bit-exact comparisons need a fixed intra-op thread count (and the box is shared).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,15 +11,8 @@ from passes.errors import ConvfxError
 from passes.vbmf import EVBMFResult, _minimize_log_bounded, _tau_bar, evbmf, evbmf_rank
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The matrices are small: extra threads only add synchronisation (and contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# The matrices are small: extra threads only add synchronisation (and contention).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:
