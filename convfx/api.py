@@ -19,8 +19,9 @@ from torch import nn
 
 from passes.convs import Site, SkippedLayer, find_sites, set_submodule
 from passes.errors import ConvfxError
-from passes.allocate import Candidate, allocate, layer_candidates
-from passes.calibrate import Frontier, bn_output_scale, channel_stats, collect_moments, fit_factors, layer_sensitivity
+from passes.allocate import Candidate, allocate, layer_candidates, predicted_kernel, probe_points
+from passes.calibrate import (Frontier, bn_output_scale, channel_stats, collect_moments, fit_factors,
+                              noise_sensitivity, output_discrepancy, probe_sensitivity)
 from passes.decompose import relative_error
 from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, max_ranks, original_cost
 from passes.flops import annotate_macs, eval_mode, fvcore_macs, propagate_shapes
@@ -206,30 +207,30 @@ def _round_plans(sites: list[Site], plans: dict[str, FactorPlan | str], rank: Ra
     return out
 
 
-#: Calibration images used to measure per-layer sensitivity (one forward pass per layer).
-_SENSITIVITY_IMAGES = 16
+#: Calibration images on which each layer's predicted error curve is checked against the
+#: harm it does at the model's output (a few forward passes per layer).
+_SENSITIVITY_IMAGES = 32
 
 
 def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float, conv_before: int,
               ref: fx.GraphModule | None, batches: list[tuple[Any, ...]], multiple: int
-              ) -> dict[str, FactorPlan | str]:
+              ) -> list[tuple[str, dict[str, FactorPlan | str]]]:
     """The FLOP-budget allocation pass: per-layer error/MAC curves, then a global choice.
 
-    With calibration data each layer's predicted output error is weighted by its measured
-    sensitivity (:func:`passes.calibrate.layer_sensitivity`).
+    Returns one or more labelled allocations. Without data there is one, from the
+    spectra. With calibration data each layer's predicted error curve is weighted by a
+    measured sensitivity, under two models of it (isotropic noise on the layer's output,
+    :func:`passes.calibrate.noise_sensitivity`, and the layer's own truncations,
+    :func:`passes.calibrate.probe_sensitivity`); neither predicts well on every network,
+    so ``compress`` fits both and keeps the one that reproduces the original best.
     """
-    sites_by_fqn = {s.fqn: s for s in sites}
     stats = {}
-    sens: dict[str, float] = {}
     scales = {s.fqn: bn_output_scale(gm, s.nodes[0]) if len(s.nodes) == 1 else None for s in sites}
     if ref is not None and batches:
         node_to_site = {n.name: s.fqn for s in sites for n in s.nodes if skip_reason(s.geometry) is None}
         with eval_mode(ref):
             stats = channel_stats(ref, node_to_site, batches)
-            first = tuple(b[:_SENSITIVITY_IMAGES] if isinstance(b, torch.Tensor) else b for b in batches[0])
-            sens = layer_sensitivity(ref, {k: v for k, v in node_to_site.items()
-                                           if not sites_by_fqn[v].geometry.linear}, first, scales)
-    curves = {}
+    curves: dict[str, list[Candidate]] = {}
     fixed = conv_before
     plans: dict[str, FactorPlan | str] = {}
     for site in sites:
@@ -247,22 +248,84 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
         st = stats.get(site.fqn)
         cands = layer_candidates(site, layer_method(site.geometry, method), in_shape,
                                  st.c_in if st else None, st.c_out if st else None, multiple, scales[site.fqn])
-        weight = sens.get(site.fqn, 1.0)
-        curves[site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2 * weight) for c in cands]
+        curves[site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2) for c in cands]
         fixed -= cands[0].macs * n_calls
-    chosen = allocate(curves, int(math.floor(target * conv_before)), fixed)
-    for fqn, cand in chosen.items():
-        plans[fqn] = cand.plan if cand.plan is not None else "flops_target allocation kept it at full cost"
+    budget = int(math.floor(target * conv_before))
+    models: dict[str, dict[str, float]] = {"spectra": {}}
+    if stats and ref is not None:
+        models = _sensitivities(gm, ref, sites, curves, stats, scales, batches)
+    out: list[tuple[str, dict[str, FactorPlan | str]]] = []
+    for label, sens in models.items():
+        weighted = {fqn: [Candidate(c.plan, c.macs, c.err2 * sens.get(fqn, 1.0)) for c in cands]
+                    for fqn, cands in curves.items()}
+        chosen = allocate(weighted, budget, fixed)
+        result = dict(plans)
+        for fqn, cand in chosen.items():
+            result[fqn] = cand.plan if cand.plan is not None else "flops_target allocation kept it at full cost"
+        if all(result != other for _, other in out):
+            out.append((label, result))
+    return out
+
+
+def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], curves: dict[str, list[Candidate]],
+                   stats: dict[str, Any], scales: dict[str, torch.Tensor | None], batches: list[tuple[Any, ...]]
+                   ) -> dict[str, dict[str, float]]:
+    """Per-layer sensitivity under each model, measured on the first calibration images."""
+    by_fqn = {s.fqn: s for s in sites}
+    sample = _first_images(batches, _SENSITIVITY_IMAGES)
+    node_to_site = {n.name: s.fqn for s in sites for n in s.nodes if s.fqn in curves}
+    probes = {fqn: [(c.err2, predicted_kernel(by_fqn[fqn].weight, c.plan, stats[fqn].c_in, stats[fqn].c_out,
+                                              scales[fqn]))
+                    for c in probe_points(cands) if c.plan is not None]
+              for fqn, cands in curves.items() if fqn in stats}
+    with eval_mode(gm), eval_mode(ref):
+        return {"noise": noise_sensitivity(ref, node_to_site, sample, scales),
+                "probe": probe_sensitivity(gm, probes, sample)}
+
+
+def _calibration_discrepancy(gm: fx.GraphModule, ref: fx.GraphModule, batches: list[tuple[Any, ...]]) -> float:
+    """Mean output discrepancy of ``gm`` from ``ref`` over the calibration batches (inf if not comparable)."""
+    total = 0.0
+    with eval_mode(gm), eval_mode(ref), torch.no_grad():
+        for batch in batches:
+            y0, y = ref(*batch), gm(*batch)
+            if not (isinstance(y0, torch.Tensor) and isinstance(y, torch.Tensor)):
+                return math.inf
+            total += output_discrepancy(y, y0)
+    return total / max(len(batches), 1)
+
+
+def _mark_plans(sites: list[Site], plans: dict[str, FactorPlan | str]) -> None:
+    """Record each site's plan (or skip reason) in its nodes' meta, as the analysis passes do."""
     for site in sites:
         for node in site.nodes:
             node.meta["convfx_plan"] = plans[site.fqn]
-    return plans
+
+
+def _same_sites(gm: fx.GraphModule, like: list[Site]) -> list[Site]:
+    """The sites of a copy of the graph that ``like`` came from, in the same order."""
+    by_fqn = {s.fqn: s for s in find_sites(gm)[0]}
+    return [by_fqn[s.fqn] for s in like]
+
+
+def _first_images(batches: list[tuple[Any, ...]], n: int) -> tuple[Any, ...]:
+    """The first ``n`` calibration inputs as one batch (fewer if there are fewer)."""
+    xs: list[torch.Tensor] = []
+    for (x,) in batches:
+        xs.append(x[: n - sum(int(t.shape[0]) for t in xs)])
+        if sum(int(t.shape[0]) for t in xs) >= n:
+            break
+    return (torch.cat(xs),)
 
 
 def _fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], plans: dict[str, FactorPlan],
                       batches: list[tuple[Any, ...]], errors: dict[str, float], out_errors: dict[str, float],
-                      progress: bool) -> list[Any]:
-    """Fit and rewrite one layer at a time, each on the inputs of the compressed prefix."""
+                      fitted: dict[str, list[torch.Tensor]], progress: bool) -> list[Any]:
+    """Fit and rewrite one layer at a time, each on the inputs of the compressed prefix.
+
+    Fills ``errors``/``out_errors`` (weight and output errors) and ``fitted`` (factor
+    weights) per layer.
+    """
     from tqdm.auto import tqdm
 
     done = []
@@ -279,6 +342,7 @@ def _fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site]
                                   where=site.fqn)
             if len(site.nodes) > 1:  # shared layer: fit from its weights only
                 ws, errors[site.fqn] = decompose_weights(site.weight, site.bias, site.geometry, plan)
+                fitted[site.fqn] = ws
                 done += factorize_sites(gm, [site], {site.fqn: plan}, lambda _s, _p, ws=ws: ws)
                 continue
             st = collect_moments(f_ref, f_cur, name, site.geometry)
@@ -289,6 +353,7 @@ def _fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site]
                                              out_scale=bn_output_scale(gm, site.nodes[0]))
             errors[site.fqn] = relative_error(site.weight, w_hat)
             out_errors[site.fqn] = out_err
+            fitted[site.fqn] = ws
             done += factorize_sites(gm, [site], {site.fqn: plan}, lambda _s, _p, ws=ws: ws)
     return done
 
@@ -384,17 +449,45 @@ def compress(
 
     ref = trace(model).gm if batches else None
     if flops_target is not None:
-        plans = _allocate(gm, chosen, method, float(flops_target), conv_before, ref, batches, rank_multiple)
+        allocations = _allocate(gm, chosen, method, float(flops_target), conv_before, ref, batches, rank_multiple)
     else:
         plans = select_ranks(chosen, method, rank)
         if rank_multiple > 1:
             plans = _round_plans(chosen, plans, rank, rank_multiple)
-    errors: dict[str, float] = {}
-    out_errors: dict[str, float] = {}
-    to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
-    if batches and ref is not None:
-        done = _fit_sequentially(gm, ref, chosen, to_do, batches, errors, out_errors, progress)
+        allocations = [("", plans)]
+    if batches and ref is not None and len(allocations) > 1:
+        # Fit every allocation on a copy, keep the one closest to the original on the
+        # calibration data, and put its fitted factors into this graph.
+        trials = []
+        for label, plans in allocations:
+            trial = copy.deepcopy(gm)
+            sites_t = _same_sites(trial, chosen)
+            _mark_plans(sites_t, plans)
+            errors, out_errors, fitted = {}, {}, {}
+            to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+            _fit_sequentially(trial, ref, sites_t, to_do, batches, errors, out_errors, fitted, progress)
+            trials.append((_calibration_discrepancy(trial, ref, batches), label, plans, errors, out_errors, fitted))
+            del trial
+        _, label, plans, errors, out_errors, fitted = min(trials, key=lambda t: t[0])
+        alloc_note = ("flops_target: allocations fitted under " + ", ".join(
+            f"{t[1]} sensitivities (calibration output discrepancy {t[0]:.4g})" for t in trials) + f"; kept {label}")
+        log.info(alloc_note)
+        _mark_plans(chosen, plans)
+        to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+        done = factorize_sites(gm, chosen, to_do, lambda site, _plan: fitted[site.fqn])
+    elif batches and ref is not None:
+        plans = allocations[0][1]
+        _mark_plans(chosen, plans)
+        errors, out_errors = {}, {}
+        to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+        done = _fit_sequentially(gm, ref, chosen, to_do, batches, errors, out_errors, {}, progress)
     else:
+        plans = allocations[0][1]
+        _mark_plans(chosen, plans)
+        errors = {}
+        out_errors = {}
+        to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+
         def weights(site: Site, plan: FactorPlan) -> list[torch.Tensor]:
             ws, err = decompose_weights(site.weight, site.bias, site.geometry, plan)
             errors[site.fqn] = err
@@ -439,6 +532,8 @@ def compress(
     if batches:
         n_img = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor))
         report.notes.append(f"factors fitted on {len(batches)} calibration batch(es), {n_img} input(s)")
+        if flops_target is not None and len(allocations) > 1:
+            report.notes.append(alloc_note)
     if traced.leaf_fallbacks:
         report.notes.extend(f"{k!r} kept as an untraced leaf: {v}" for k, v in traced.leaf_fallbacks.items())
     gm.convfx_report = report  # type: ignore[assignment]

@@ -29,7 +29,7 @@ from .convs import Site
 from .decompose import unfold
 from .factors import FactorPlan, factor_cost, original_cost
 
-__all__ = ["Candidate", "layer_candidates", "allocate", "rank_grid"]
+__all__ = ["Candidate", "layer_candidates", "allocate", "rank_grid", "predicted_kernel", "probe_points"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,69 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
         err2 = float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)]) + 1e-4 * (1 - r / full)
         cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], err2))
     return cands
+
+
+def _sym_root(c: Tensor) -> tuple[Tensor, Tensor]:
+    """(C^{1/2}, C^{-1/2}) of a PSD matrix, with tiny eigenvalues floored."""
+    evals, evecs = torch.linalg.eigh(c)
+    evals = evals.clamp_min(max(float(evals.max()), 1e-30) * 1e-12)
+    return (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
+
+
+def _top_eigvecs(m: Tensor, r: int) -> Tensor:
+    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    return evecs[:, torch.argsort(evals, descending=True)[:r]]
+
+
+def predicted_kernel(weight: Tensor, plan: FactorPlan, c_in: Tensor, c_out: Tensor,
+                     out_scale: Tensor | None = None) -> Tensor:
+    """The full kernel of the truncation whose error :func:`layer_candidates` predicts.
+
+    Why: swapping it into the model measures what that predicted error really costs at
+    the output (:func:`passes.calibrate.probe_sensitivity`) without building factors.
+    svd: whitened truncated SVD; tucker: output projection onto the top ``r_out``
+    eigenvectors of the output covariance and whitened input projection onto the top
+    ``r_in`` of the mode-1 unfolding; cp: the tucker projection at ranks capped by the
+    channel counts (the same bound its prediction uses).
+    """
+    w = weight.detach().to(torch.float64)
+    cout, cin = w.shape[0], w.shape[1]
+    d = (out_scale.to(w.device, torch.float64) if out_scale is not None
+         else torch.ones(cout, dtype=torch.float64, device=w.device)).view(-1, *([1] * (w.dim() - 1)))
+    ws = w * d
+    c_in = c_in.to(w.device, torch.float64)
+    root, inv_root = _sym_root(c_in)
+    if plan.method == "svd":
+        (r,) = plan.ranks
+        wk = ws.reshape(cout, cin, -1)
+        wm = torch.einsum("ocx,cd->odx", wk, root).reshape(cout, -1)
+        u, s, vh = torch.linalg.svd(wm, full_matrices=False)
+        approx = ((u[:, :r] * s[:r]) @ vh[:r]).reshape(wk.shape)
+        approx = torch.einsum("odx,dc->ocx", approx, inv_root).reshape(ws.shape)
+    else:
+        r_out, r_in = plan.ranks if plan.method == "tucker" else (min(plan.ranks[0], cout), min(plan.ranks[0], cin))
+        u = _top_eigvecs(c_out.to(w.device, torch.float64) * d.view(-1, 1) * d.view(1, -1), r_out)
+        w1 = root @ unfold(ws, 1)
+        v = _top_eigvecs(w1 @ w1.T, r_in)
+        p_in = inv_root @ v @ v.T @ root  # whitened projection on the input-channel mode
+        approx = torch.einsum("oa,aihw,ci->ochw", u @ u.T, ws, p_in)
+    return (approx / d).to(weight.dtype)
+
+
+def probe_points(cands: list[Candidate], fractions: tuple[float, ...] = (0.75, 0.5, 0.3)) -> list[Candidate]:
+    """Candidates on the predicted hull nearest to these fractions of the layer's MACs.
+
+    Why: a few points across the range the allocation will use are enough to calibrate
+    a layer's predicted error curve against measured harm.
+    """
+    full = cands[0].macs
+    hull = [c for c in _hull(cands) if c.plan is not None and c.err2 > 0]
+    picked: list[Candidate] = []
+    for f in fractions:
+        c = min(hull, key=lambda c: abs(c.macs / max(full, 1) - f), default=None)
+        if c is not None and c not in picked:
+            picked.append(c)
+    return picked
 
 
 def _hull(cands: list[Candidate]) -> list[Candidate]:

@@ -20,6 +20,8 @@ Fits:
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,8 +33,8 @@ from .decompose import unfold
 from .factors import output_hw
 
 __all__ = [
-    "bn_output_scale", "layer_sensitivity", "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
-    "channel_stats",
+    "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
+    "channel_stats", "bn_output_scale", "noise_sensitivity", "output_discrepancy", "probe_sensitivity",
 ]
 
 _RIDGE = 1e-8
@@ -422,7 +424,7 @@ class _Perturbed(torch.fx.Interpreter):
         return out + noise * (self.eps * rms) / d
 
 
-def layer_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], batch: tuple[object, ...],
+def noise_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], batch: tuple[object, ...],
                       scales: dict[str, Tensor | None], eps: float = 0.1) -> dict[str, float]:
     """How much each layer's relative output error is amplified at the model's output.
 
@@ -442,4 +444,59 @@ def layer_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], b
         for node_name, fqn in node_to_site.items():
             y = _Perturbed(ref, node_name, eps, scales.get(fqn)).run(*batch)
             out[fqn] = float((y - base).double().pow(2).sum()) / ref_energy / eps**2
+    return out
+
+
+def output_discrepancy(y: Tensor, base: Tensor) -> float:
+    """How far ``y`` is from ``base``: mean KL of the softmaxes for (N, classes) logits, else relative MSE."""
+    y, base = y.detach().double(), base.detach().double()
+    if base.dim() == 2 and base.shape[1] > 1:
+        ref = torch.log_softmax(base, 1)
+        return float((ref.exp() * (ref - torch.log_softmax(y, 1))).sum(1).mean())
+    return float((y - base).pow(2).sum() / base.pow(2).sum().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def _swapped_kernels(gm: torch.fx.GraphModule, kernels: dict[str, Tensor]) -> Iterator[None]:
+    """Temporarily give layers (``gm.get_submodule(fqn).weight``) other kernels of the same shape."""
+    saved = {fqn: gm.get_submodule(fqn).weight.detach().clone() for fqn in kernels}
+    try:
+        with torch.no_grad():
+            for fqn, k in kernels.items():
+                w = gm.get_submodule(fqn).weight
+                w.copy_(k.to(w))
+        yield
+    finally:
+        with torch.no_grad():
+            for fqn, k in saved.items():
+                gm.get_submodule(fqn).weight.copy_(k)
+
+
+def probe_sensitivity(gm: torch.fx.GraphModule, probes: dict[str, list[tuple[float, Tensor]]],
+                      batch: tuple[object, ...]) -> dict[str, float]:
+    """Measured harm per unit of predicted error, for each layer.
+
+    Why: a layer's predicted output error says nothing about how much of it survives to
+    the model's output; an early layer's error runs through the whole network, a residual
+    branch's is diluted. ``probes[fqn]`` lists (predicted error², approximate kernel)
+    pairs; each kernel is swapped into the layer (``gm.get_submodule(fqn).weight``) in
+    turn, the model's output on ``batch`` is compared with the unmodified output
+    (:func:`output_discrepancy`), and the least-squares slope of harm over predicted
+    error² is returned. Weights are restored afterwards, also on error. Models whose
+    output is not a single tensor get no entries (the allocation then weights every layer
+    alike).
+    """
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        base = gm(*batch)
+        if not isinstance(base, Tensor):
+            return out
+        for fqn, pts in probes.items():
+            harm = []
+            for err2, kernel in pts:
+                with _swapped_kernels(gm, {fqn: kernel}):
+                    harm.append((err2, output_discrepancy(gm(*batch), base)))
+            den = sum(e * e for e, _ in harm)
+            if den > 0:
+                out[fqn] = max(sum(e * h for e, h in harm) / den, 1e-12)
     return out

@@ -1,6 +1,8 @@
 """Data-aware fitting and FLOP-budgeted allocation."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torchvision
@@ -9,7 +11,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import convfx
 from convfx.zoo import cifar_resnet
-from passes.allocate import Candidate, allocate
+from passes.allocate import Candidate, allocate, layer_candidates, predicted_kernel
+from passes.calibrate import output_discrepancy, probe_sensitivity
+from passes.convs import find_sites
+from passes.factors import FactorPlan
+from passes.trace import trace
 
 F64 = torch.float64
 
@@ -191,3 +197,62 @@ def test_sensitivity_steers_the_allocation() -> None:
     ranks = {r.fqn: r.ranks for r in gm.convfx_report.factorized}
     loud = ranks.get("loud", (16, 16))  # absent: kept at full cost
     assert sum(ranks["quiet"]) < sum(loud), ranks
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_predicted_kernel_has_the_predicted_svd_error(rank: int) -> None:
+    """The probe kernel's output error, computed from the covariance, is the allocation's prediction."""
+    torch.manual_seed(rank)
+    conv = nn.Conv2d(12, 10, 1).eval()
+    mix = torch.randn(12, 12, dtype=F64)
+    c_in = mix @ mix.T  # anisotropic input covariance
+    site = find_sites(trace(nn.Sequential(conv)).gm)[0][0]
+    cands = layer_candidates(site, "svd", (1, 12, 4, 4), c_in, None)
+    pred = next(c.err2 for c in cands if c.plan == FactorPlan("svd", (rank,)))
+    w = conv.weight.detach().to(F64).reshape(10, 12)
+    w_hat = predicted_kernel(conv.weight, FactorPlan("svd", (rank,)), c_in, torch.eye(10, dtype=F64)).to(F64)
+    w_hat = w_hat.reshape(10, 12)
+    measured = float(torch.trace((w - w_hat) @ c_in @ (w - w_hat).T) / torch.trace(w @ c_in @ w.T))
+    assert measured == pytest.approx(pred, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("method,plan", [("tucker", (16, 16)), ("svd", (16,)), ("cp", (16,))])
+def test_predicted_kernel_is_exact_at_full_rank(method: str, plan: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    mix = torch.randn(16, 16, dtype=F64)
+    ranks = plan if method != "svd" else (16 * 9,)
+    w_hat = predicted_kernel(conv.weight, FactorPlan(method, ranks), mix @ mix.T, torch.eye(16, dtype=F64))
+    torch.testing.assert_close(w_hat, conv.weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_probe_sensitivity_ranks_layers_and_restores_weights() -> None:
+    torch.manual_seed(0)
+    model = _LoudAndQuiet().eval()
+    gm = trace(model).gm
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    x = _correlated_images(8, 16, 8, rank=16, seed=6)
+    probes = {name: [(0.04, torch.zeros_like(getattr(model, name).weight)), (0.25, 0.5 * getattr(model, name).weight)]
+              for name in ("loud", "quiet")}
+    sens = probe_sensitivity(gm, probes, (x,))
+    assert sens["quiet"] < 1e-2 * sens["loud"], sens  # 0.01 output weight: 1e-4 of the harm
+    for k, v in gm.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_flops_target_keeps_the_allocation_closest_on_calibration_data() -> None:
+    """With data, every candidate allocation is fitted; the kept one has the lowest discrepancy."""
+    model = cifar_resnet(20, checkpoint=None).eval()
+    calib = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    gm = convfx.compress(model, calib[0][:1], flops_target=0.5, calibration=calib, progress=False)
+    note = next(n for n in gm.convfx_report.notes if n.startswith("flops_target: allocations fitted"))
+    scores = {label: float(v) for label, v in re.findall(r"(\w+) sensitivities \(calibration output discrepancy "
+                                                        r"([0-9.e+-]+)\)", note)}
+    kept = note.rsplit("kept ", 1)[1]
+    assert len(scores) == 2 and scores[kept] == min(scores.values()), note
+    with torch.no_grad():
+        y0 = [model(x) for x in calib]
+        y = [gm(x) for x in calib]
+    measured = sum(output_discrepancy(a, b) for a, b in zip(y, y0)) / len(calib)
+    assert measured == pytest.approx(scores[kept], rel=1e-3)
+    assert gm.convfx_report.conv_macs_after <= 0.5 * gm.convfx_report.conv_macs_before
