@@ -289,6 +289,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-sample-ms", type=float, default=100.0)
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. max-autotune)")
+    p.add_argument("--freezing", action="store_true",
+                   help="inductor freezing (weights as constants: BN folded into the preceding conv, "
+                        "oneDNN weight prepacking), for original and compressed alike")
     p.add_argument("--quick", action="store_true", help="ResNet-18, batch 1, Tucker 2x only, 5 repeats")
     p.add_argument("--omp-passive", action="store_true",
                    help="OMP_WAIT_POLICY=PASSIVE (use on a shared, loaded CPU; see the module docstring)")
@@ -317,6 +320,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    if args.freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     device = torch.device(args.device)
     meta = {
         "command": "`" + shlex.join(["python", *sys.argv]) + "`",
@@ -328,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: runtime default)"),
         "samples": f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls, "
                    f">= {args.min_sample_ms:g} ms per sample",
-        "torch.compile": f"inductor, dynamic=False, mode={args.compile_mode}",
+        "torch.compile": f"inductor, dynamic=False, mode={args.compile_mode}"
+                         + (", freezing=True" if args.freezing else ""),
         "input": f"random {args.size}x{args.size} images; random-init torchvision weights",
     }
     if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):

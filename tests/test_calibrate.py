@@ -256,3 +256,15 @@ def test_flops_target_keeps_the_allocation_closest_on_calibration_data() -> None
     measured = sum(output_discrepancy(a, b) for a, b in zip(y, y0)) / len(calib)
     assert measured == pytest.approx(scores[kept], rel=1e-3)
     assert gm.convfx_report.conv_macs_after <= 0.5 * gm.convfx_report.conv_macs_before
+
+
+def test_flops_target_with_calibration_inplace_puts_the_kept_factors_into_the_model() -> None:
+    model = cifar_resnet(20, checkpoint=None).eval()
+    calib = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))]
+    copy_out = convfx.compress(model, calib[0][:1], flops_target=0.6, calibration=calib, progress=False)
+    gm = convfx.compress(model, calib[0][:1], flops_target=0.6, calibration=calib, inplace=True, progress=False)
+    assert [r.ranks for r in gm.convfx_report.layers] == [r.ranks for r in copy_out.convfx_report.layers]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), copy_out(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), gm(x), rtol=1e-5, atol=1e-5)  # the model now holds the factors
