@@ -430,6 +430,8 @@ class Bench:
             elif method == "convfx":
                 model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
                                         calibration=calib, progress=False)
+                kept = [n.rsplit("kept ", 1)[1] for n in model.convfx_report.notes if "; kept " in n]
+                note = f"allocation: {kept[0]} sensitivities" if kept else ""
             else:
                 model, p = bisect(lambda r: prune(original, r, example, ignored), example, target_macs,
                                   0.0, 0.95, increasing=False)
