@@ -202,8 +202,6 @@ def _round_plans(sites: list[Site], plans: dict[str, FactorPlan | str], rank: Ra
         limits = max_ranks(site.geometry, p.method)
         ranks = tuple(min(lim, multiple * math.ceil(r / multiple)) for r, lim in zip(p.ranks, limits))
         out[site.fqn] = FactorPlan(p.method, ranks)
-        for node in site.nodes:
-            node.meta["convfx_plan"] = out[site.fqn]
     return out
 
 
@@ -393,7 +391,9 @@ def compress(
             outputs on these activations, layer by layer on the already-compressed prefix.
             A few hundred to a few thousand images suffice; memory is O(D²) per layer.
         flops_target: a fraction f in (0, 1]: ranks are allocated across layers so that the
-            conv MACs (fvcore count) are at most f × the original's. Replaces ``rank``.
+            conv MACs (fvcore count) are at most f × the original's. Replaces ``rank``. With
+            ``calibration``, allocations under two sensitivity models are both fitted and the
+            one closest to the original on the calibration data is kept (see the report's notes).
         rank_multiple: round automatic, fractional and allocated ranks up to a multiple of
             this (8 or 16 help real kernels); explicit integer ranks are kept as given.
         calibration_batches: use at most this many calibration batches.
