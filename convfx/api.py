@@ -211,7 +211,7 @@ _SENSITIVITY_IMAGES = 32
 
 
 def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float, conv_before: int,
-              ref: fx.GraphModule | None, batches: list[tuple[Any, ...]], multiple: int
+              ref: fx.GraphModule | None, batches: list[tuple[Any, ...]], multiple: int, progress: bool = False
               ) -> list[tuple[str, dict[str, FactorPlan | str]]]:
     """The FLOP-budget allocation pass: per-layer error/MAC curves, then a global choice.
 
@@ -251,7 +251,7 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
     budget = int(math.floor(target * conv_before))
     models: dict[str, dict[str, float]] = {"spectra": {}}
     if stats and ref is not None:
-        models = _sensitivities(gm, ref, sites, curves, stats, scales, batches)
+        models = _sensitivities(gm, ref, sites, curves, stats, scales, batches, progress)
     out: list[tuple[str, dict[str, FactorPlan | str]]] = []
     for label, sens in models.items():
         weighted = {fqn: [Candidate(c.plan, c.macs, c.err2 * sens.get(fqn, 1.0)) for c in cands]
@@ -266,9 +266,14 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
 
 
 def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], curves: dict[str, list[Candidate]],
-                   stats: dict[str, Any], scales: dict[str, torch.Tensor | None], batches: list[tuple[Any, ...]]
-                   ) -> dict[str, dict[str, float]]:
+                   stats: dict[str, Any], scales: dict[str, torch.Tensor | None], batches: list[tuple[Any, ...]],
+                   progress: bool) -> dict[str, dict[str, float]]:
     """Per-layer sensitivity under each model, measured on the first calibration images."""
+    from tqdm.auto import tqdm
+
+    def bar(what: str) -> Callable[[Any], Any]:
+        return lambda items: tqdm(list(items), desc=what, disable=not progress or None, leave=False)
+
     by_fqn = {s.fqn: s for s in sites}
     sample = _first_images(batches, _SENSITIVITY_IMAGES)
     node_to_site = {n.name: s.fqn for s in sites for n in s.nodes if s.fqn in curves}
@@ -277,8 +282,8 @@ def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], c
                     for c in probe_points(cands) if c.plan is not None]
               for fqn, cands in curves.items() if fqn in stats}
     with eval_mode(gm), eval_mode(ref):
-        return {"noise": noise_sensitivity(ref, node_to_site, sample, scales),
-                "probe": probe_sensitivity(gm, probes, sample)}
+        return {"noise": noise_sensitivity(ref, node_to_site, sample, scales, wrap=bar("sensitivity (noise)")),
+                "probe": probe_sensitivity(gm, probes, sample, wrap=bar("sensitivity (probes)"))}
 
 
 def _calibration_discrepancy(gm: fx.GraphModule, ref: fx.GraphModule, batches: list[tuple[Any, ...]]) -> float:
@@ -449,7 +454,8 @@ def compress(
 
     ref = trace(model).gm if batches else None
     if flops_target is not None:
-        allocations = _allocate(gm, chosen, method, float(flops_target), conv_before, ref, batches, rank_multiple)
+        allocations = _allocate(gm, chosen, method, float(flops_target), conv_before, ref, batches, rank_multiple,
+                                progress)
     else:
         plans = select_ranks(chosen, method, rank)
         if rank_multiple > 1:

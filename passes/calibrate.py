@@ -21,8 +21,9 @@ Fits:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -425,7 +426,8 @@ class _Perturbed(torch.fx.Interpreter):
 
 
 def noise_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], batch: tuple[object, ...],
-                      scales: dict[str, Tensor | None], eps: float = 0.1) -> dict[str, float]:
+                      scales: dict[str, Tensor | None], eps: float = 0.1,
+                      wrap: Callable[[Any], Any] = iter) -> dict[str, float]:
     """How much each layer's relative output error is amplified at the model's output.
 
     Why: per-layer output errors are not equally harmful; an early layer's error runs
@@ -441,7 +443,7 @@ def noise_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], b
         if not isinstance(base, Tensor):
             return out
         ref_energy = float(base.double().pow(2).sum().clamp_min(1e-30))
-        for node_name, fqn in node_to_site.items():
+        for node_name, fqn in wrap(node_to_site.items()):
             y = _Perturbed(ref, node_name, eps, scales.get(fqn)).run(*batch)
             out[fqn] = float((y - base).double().pow(2).sum()) / ref_energy / eps**2
     return out
@@ -473,7 +475,7 @@ def _swapped_kernels(gm: torch.fx.GraphModule, kernels: dict[str, Tensor]) -> It
 
 
 def probe_sensitivity(gm: torch.fx.GraphModule, probes: dict[str, list[tuple[float, Tensor]]],
-                      batch: tuple[object, ...]) -> dict[str, float]:
+                      batch: tuple[object, ...], wrap: Callable[[Any], Any] = iter) -> dict[str, float]:
     """Measured harm per unit of predicted error, for each layer.
 
     Why: a layer's predicted output error says nothing about how much of it survives to
@@ -484,14 +486,14 @@ def probe_sensitivity(gm: torch.fx.GraphModule, probes: dict[str, list[tuple[flo
     (:func:`output_discrepancy`), and the least-squares slope of harm over predicted
     error² is returned. Weights are restored afterwards, also on error. Models whose
     output is not a single tensor get no entries (the allocation then weights every layer
-    alike).
+    alike). ``wrap`` may wrap the per-layer loop (e.g. in a progress bar).
     """
     out: dict[str, float] = {}
     with torch.no_grad():
         base = gm(*batch)
         if not isinstance(base, Tensor):
             return out
-        for fqn, pts in probes.items():
+        for fqn, pts in wrap(probes.items()):
             harm = []
             for err2, kernel in pts:
                 with _swapped_kernels(gm, {fqn: kernel}):
