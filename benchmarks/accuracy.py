@@ -68,6 +68,7 @@ import convfx  # noqa: E402
 from convfx import zoo  # noqa: E402
 from convfx.data import cache_dir, cifar10, imagenet, split_dataset  # noqa: E402
 from convfx.train import recalibrate_bn  # noqa: E402
+from passes.calibrate import output_discrepancy  # noqa: E402
 
 log = logging.getLogger("accuracy")
 
@@ -355,7 +356,7 @@ class Bench:
         self.a, self.res = args, res
         self.device = torch.device(args.device)
         self.t_start = time.perf_counter()
-        self._ref_logp: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._ref_logits: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     def over_budget(self) -> bool:
         return self.a.time_budget is not None and time.perf_counter() - self.t_start > self.a.time_budget
@@ -372,17 +373,14 @@ class Bench:
     def calib_kl(self, model: nn.Module, original: nn.Module, calib: list[torch.Tensor]) -> float:
         """Mean KL(original || model) of the softmax outputs on the calibration images (no labels)."""
         key = id(original), id(calib)
-        if key not in self._ref_logp:
+        if key not in self._ref_logits:
             with torch.no_grad():
-                self._ref_logp = {key: [F.log_softmax(original.eval()(x), 1) for x in calib]}
-        total, n = 0.0, 0
+                self._ref_logits = {key: [original.eval()(x) for x in calib]}
         model.eval()
         with torch.no_grad():
-            for x, ref in zip(calib, self._ref_logp[key]):
-                lp = F.log_softmax(model(x), 1)
-                total += float((ref.exp() * (ref - lp)).sum())
-                n += x.shape[0]
-        return total / n
+            total = sum(output_discrepancy(model(x), ref) * x.shape[0]
+                        for x, ref in zip(calib, self._ref_logits[key]))
+        return total / sum(x.shape[0] for x in calib)
 
     def bn_policy(self, model_name: str) -> str:
         return self.a.bn or ("auto" if model_name == "efficientnet_lite0" else "always")

@@ -286,12 +286,41 @@ def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], c
                 "probe": probe_sensitivity(gm, probes, sample, wrap=bar("sensitivity (probes)"))}
 
 
-def _calibration_discrepancy(gm: fx.GraphModule, ref: fx.GraphModule, batches: list[tuple[Any, ...]]) -> float:
-    """Mean output discrepancy of ``gm`` from ``ref`` over the calibration batches (inf if not comparable)."""
+def _best_allocation(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site],
+                     allocations: list[tuple[str, dict[str, FactorPlan | str]]], batches: list[tuple[Any, ...]],
+                     progress: bool) -> tuple[dict[str, FactorPlan | str], dict[str, float], dict[str, float],
+                                          dict[str, list[torch.Tensor]], str]:
+    """Fit every allocation on a copy of ``gm``; keep the one closest to ``ref`` on the calibration data.
+
+    Returns its plans, weight and output errors, fitted factor weights and a report note.
+    """
+    with eval_mode(ref), torch.no_grad():
+        targets = [ref(*b) for b in batches]
+    trials = []
+    for label, plans in allocations:
+        trial = copy.deepcopy(gm)
+        sites_t = _same_sites(trial, sites)
+        _mark_plans(sites_t, plans)
+        errors: dict[str, float] = {}
+        out_errors: dict[str, float] = {}
+        fitted: dict[str, list[torch.Tensor]] = {}
+        to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+        _fit_sequentially(trial, ref, sites_t, to_do, batches, errors, out_errors, fitted, progress)
+        trials.append((_discrepancy(trial, batches, targets), label, plans, errors, out_errors, fitted))
+        del trial
+    _, label, plans, errors, out_errors, fitted = min(trials, key=lambda t: t[0])
+    note = ("flops_target: allocations fitted under " + ", ".join(
+        f"{t[1]} sensitivities (calibration output discrepancy {t[0]:.4g})" for t in trials) + f"; kept {label}")
+    log.info(note)
+    return plans, errors, out_errors, fitted, note
+
+
+def _discrepancy(gm: fx.GraphModule, batches: list[tuple[Any, ...]], targets: list[Any]) -> float:
+    """Mean output discrepancy of ``gm`` from the original's outputs (inf if not comparable)."""
     total = 0.0
-    with eval_mode(gm), eval_mode(ref), torch.no_grad():
-        for batch in batches:
-            y0, y = ref(*batch), gm(*batch)
+    with eval_mode(gm), torch.no_grad():
+        for batch, y0 in zip(batches, targets):
+            y = gm(*batch)
             if not (isinstance(y0, torch.Tensor) and isinstance(y, torch.Tensor)):
                 return math.inf
             total += output_discrepancy(y, y0)
@@ -315,8 +344,9 @@ def _first_images(batches: list[tuple[Any, ...]], n: int) -> tuple[Any, ...]:
     """The first ``n`` calibration inputs as one batch (fewer if there are fewer)."""
     xs: list[torch.Tensor] = []
     for (x,) in batches:
-        xs.append(x[: n - sum(int(t.shape[0]) for t in xs)])
-        if sum(int(t.shape[0]) for t in xs) >= n:
+        xs.append(x[:n])
+        n -= int(xs[-1].shape[0])
+        if n <= 0:
             break
     return (torch.cat(xs),)
 
@@ -461,39 +491,21 @@ def compress(
         if rank_multiple > 1:
             plans = _round_plans(chosen, plans, rank, rank_multiple)
         allocations = [("", plans)]
+    plans = allocations[0][1]
+    errors: dict[str, float] = {}
+    out_errors: dict[str, float] = {}
+    fitted: dict[str, list[torch.Tensor]] = {}
+    alloc_note: str | None = None
     if batches and ref is not None and len(allocations) > 1:
-        # Fit every allocation on a copy, keep the one closest to the original on the
-        # calibration data, and put its fitted factors into this graph.
-        trials = []
-        for label, plans in allocations:
-            trial = copy.deepcopy(gm)
-            sites_t = _same_sites(trial, chosen)
-            _mark_plans(sites_t, plans)
-            errors, out_errors, fitted = {}, {}, {}
-            to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
-            _fit_sequentially(trial, ref, sites_t, to_do, batches, errors, out_errors, fitted, progress)
-            trials.append((_calibration_discrepancy(trial, ref, batches), label, plans, errors, out_errors, fitted))
-            del trial
-        _, label, plans, errors, out_errors, fitted = min(trials, key=lambda t: t[0])
-        alloc_note = ("flops_target: allocations fitted under " + ", ".join(
-            f"{t[1]} sensitivities (calibration output discrepancy {t[0]:.4g})" for t in trials) + f"; kept {label}")
-        log.info(alloc_note)
-        _mark_plans(chosen, plans)
-        to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+        plans, errors, out_errors, fitted, alloc_note = _best_allocation(gm, ref, chosen, allocations, batches,
+                                                                         progress)
+    _mark_plans(chosen, plans)
+    to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
+    if alloc_note is not None:  # the kept allocation's fitted factors go into this graph
         done = factorize_sites(gm, chosen, to_do, lambda site, _plan: fitted[site.fqn])
     elif batches and ref is not None:
-        plans = allocations[0][1]
-        _mark_plans(chosen, plans)
-        errors, out_errors = {}, {}
-        to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
         done = _fit_sequentially(gm, ref, chosen, to_do, batches, errors, out_errors, {}, progress)
     else:
-        plans = allocations[0][1]
-        _mark_plans(chosen, plans)
-        errors = {}
-        out_errors = {}
-        to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
-
         def weights(site: Site, plan: FactorPlan) -> list[torch.Tensor]:
             ws, err = decompose_weights(site.weight, site.bias, site.geometry, plan)
             errors[site.fqn] = err
@@ -538,7 +550,7 @@ def compress(
     if batches:
         n_img = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor))
         report.notes.append(f"factors fitted on {len(batches)} calibration batch(es), {n_img} input(s)")
-        if flops_target is not None and len(allocations) > 1:
+        if alloc_note is not None:
             report.notes.append(alloc_note)
     if traced.leaf_fallbacks:
         report.notes.extend(f"{k!r} kept as an untraced leaf: {v}" for k, v in traced.leaf_fallbacks.items())

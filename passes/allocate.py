@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .calibrate import _sym_sqrt
 from .convs import Site
 from .decompose import unfold
 from .factors import FactorPlan, factor_cost, original_cost
@@ -119,13 +120,6 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
     return cands
 
 
-def _sym_root(c: Tensor) -> tuple[Tensor, Tensor]:
-    """(C^{1/2}, C^{-1/2}) of a PSD matrix, with tiny eigenvalues floored."""
-    evals, evecs = torch.linalg.eigh(c)
-    evals = evals.clamp_min(max(float(evals.max()), 1e-30) * 1e-12)
-    return (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
-
-
 def _top_eigvecs(m: Tensor, r: int) -> Tensor:
     evals, evecs = torch.linalg.eigh((m + m.T) / 2)
     return evecs[:, torch.argsort(evals, descending=True)[:r]]
@@ -148,7 +142,7 @@ def predicted_kernel(weight: Tensor, plan: FactorPlan, c_in: Tensor, c_out: Tens
          else torch.ones(cout, dtype=torch.float64, device=w.device)).view(-1, *([1] * (w.dim() - 1)))
     ws = w * d
     c_in = c_in.to(w.device, torch.float64)
-    root, inv_root = _sym_root(c_in)
+    root, inv_root = _sym_sqrt(c_in)
     if plan.method == "svd":
         (r,) = plan.ranks
         wk = ws.reshape(cout, cin, -1)

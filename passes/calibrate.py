@@ -459,19 +459,17 @@ def output_discrepancy(y: Tensor, base: Tensor) -> float:
 
 
 @contextlib.contextmanager
-def _swapped_kernels(gm: torch.fx.GraphModule, kernels: dict[str, Tensor]) -> Iterator[None]:
-    """Temporarily give layers (``gm.get_submodule(fqn).weight``) other kernels of the same shape."""
-    saved = {fqn: gm.get_submodule(fqn).weight.detach().clone() for fqn in kernels}
+def _swapped_kernel(gm: torch.fx.GraphModule, fqn: str, kernel: Tensor) -> Iterator[None]:
+    """Temporarily give the layer ``gm.get_submodule(fqn)`` another kernel of the same shape."""
+    weight = gm.get_submodule(fqn).weight
+    saved = weight.detach().clone()
     try:
         with torch.no_grad():
-            for fqn, k in kernels.items():
-                w = gm.get_submodule(fqn).weight
-                w.copy_(k.to(w))
+            weight.copy_(kernel.to(weight))
         yield
     finally:
         with torch.no_grad():
-            for fqn, k in saved.items():
-                gm.get_submodule(fqn).weight.copy_(k)
+            weight.copy_(saved)
 
 
 def probe_sensitivity(gm: torch.fx.GraphModule, probes: dict[str, list[tuple[float, Tensor]]],
@@ -496,7 +494,7 @@ def probe_sensitivity(gm: torch.fx.GraphModule, probes: dict[str, list[tuple[flo
         for fqn, pts in wrap(probes.items()):
             harm = []
             for err2, kernel in pts:
-                with _swapped_kernels(gm, {fqn: kernel}):
+                with _swapped_kernel(gm, fqn, kernel):
                     harm.append((err2, output_discrepancy(gm(*batch), base)))
             den = sum(e * e for e, _ in harm)
             if den > 0:
