@@ -272,7 +272,7 @@ def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], c
     from tqdm.auto import tqdm
 
     def bar(what: str) -> Callable[[Any], Any]:
-        return lambda items: tqdm(list(items), desc=what, disable=not progress or None, leave=False)
+        return lambda items: tqdm(items, desc=what, disable=not progress or None, leave=False)
 
     by_fqn = {s.fqn: s for s in sites}
     sample = _first_images(batches, _SENSITIVITY_IMAGES)
@@ -283,7 +283,7 @@ def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], c
               for fqn, cands in curves.items() if fqn in stats}
     with eval_mode(gm), eval_mode(ref):
         return {"noise": noise_sensitivity(ref, node_to_site, sample, scales, wrap=bar("sensitivity (noise)")),
-                "probe": probe_sensitivity(gm, probes, sample, wrap=bar("sensitivity (probes)"))}
+                "probe": probe_sensitivity(gm, probes, sample, node_to_site, wrap=bar("sensitivity (probes)"))}
 
 
 def _best_allocation(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site],

@@ -35,7 +35,7 @@ from .factors import output_hw
 
 __all__ = [
     "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
-    "channel_stats", "bn_output_scale", "noise_sensitivity", "output_discrepancy", "probe_sensitivity",
+    "channel_stats", "bn_output_scale", "SuffixWalk", "noise_sensitivity", "output_discrepancy", "probe_sensitivity",
 ]
 
 _RIDGE = 1e-8
@@ -404,25 +404,80 @@ def channel_stats(ref: torch.fx.GraphModule, node_to_site: dict[str, str],
     return {k: ChannelStats(v[0], v[1]) for k, v in acc.items()}
 
 
-class _Perturbed(torch.fx.Interpreter):
-    """Runs the graph with relative noise ``eps`` added to one node's output."""
+class SuffixWalk:
+    """One forward pass that, at chosen nodes, can also run the rest of the graph differently.
 
-    def __init__(self, gm: torch.fx.GraphModule, node_name: str, eps: float, scale: Tensor | None) -> None:
-        super().__init__(gm)
-        self.extra_traceback = False
-        self.node_name, self.eps, self.scale = node_name, eps, scale
+    Why: sensitivity measurements change one layer and look at the model's output. The
+    layers before it give the same values every time, so they run once; each change
+    re-runs only the suffix from the changed node on (about half the work of a full
+    forward pass on average). Values are freed after their last use, on the main pass
+    and on every suffix run, so memory stays that of one forward pass.
 
-    def run_node(self, n: torch.fx.Node) -> object:
-        out = super().run_node(n)
-        if n.name != self.node_name or not isinstance(out, Tensor) or out.dim() < 2:
-            return out
-        shape = [1, out.shape[1]] + [1] * (out.dim() - 2)
-        d = (self.scale.to(out.device, out.dtype) if self.scale is not None
-             else torch.ones(out.shape[1], dtype=out.dtype, device=out.device)).view(shape)
-        rms = (out * d).pow(2).mean().sqrt()
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
-        return out + noise * (self.eps * rms) / d
+    Iterating yields ``(node_name, run_rest)`` at each chosen node, in graph order, before
+    that node runs on the main pass. ``run_rest(transform=None)`` runs the node and
+    everything after it and returns the model's output; ``transform`` may replace the
+    node's output. State changed around a ``run_rest`` call (e.g. a swapped kernel) must
+    be restored before the iteration resumes; ``run_rest`` is valid only until then.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, batch: tuple[object, ...], node_names: list[str]) -> None:
+        self.interp = torch.fx.Interpreter(gm)
+        self.interp.extra_traceback = False
+        self.batch = batch
+        self.nodes = list(gm.graph.nodes)
+        pos = {n: i for i, n in enumerate(self.nodes)}
+        by_name = {n.name: i for i, n in enumerate(self.nodes)}
+        missing = set(node_names) - set(by_name)
+        if missing:
+            raise KeyError(f"nodes not in the graph: {sorted(missing)}")
+        self.stops = sorted({by_name[name] for name in node_names})
+        self.free_after: dict[int, list[torch.fx.Node]] = {}
+        for n in self.nodes:
+            last = max((pos[u] for u in n.users), default=pos[n])
+            self.free_after.setdefault(last, []).append(n)
+
+    def __len__(self) -> int:
+        return len(self.stops)
+
+    def _step(self, env: dict[torch.fx.Node, Any], i: int, transform: Callable[[Any], Any] | None = None) -> Any:
+        node = self.nodes[i]
+        self.interp.env = env
+        out = self.interp.run_node(node)
+        if transform is not None:
+            out = transform(out)
+        env[node] = out
+        for dead in self.free_after.get(i, ()):
+            if dead.op != "output":
+                env.pop(dead, None)
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, Callable[..., Any]]]:
+        env: dict[torch.fx.Node, Any] = {}
+        self.interp.args_iter = iter(self.batch)
+        stops = set(self.stops)
+        for i in range(self.stops[-1] + 1 if self.stops else 0):
+            if i in stops:
+                def run_rest(transform: Callable[[Any], Any] | None = None, start: int = i) -> Any:
+                    suffix_env = dict(env)
+                    out = None
+                    for j in range(start, len(self.nodes)):
+                        out = self._step(suffix_env, j, transform if j == start else None)
+                    return out
+                yield self.nodes[i].name, run_rest
+            self._step(env, i)
+
+
+def _relative_noise(out: Any, eps: float, scale: Tensor | None) -> Any:
+    """``out`` plus seeded Gaussian noise of relative energy eps² in the metric of ``scale``."""
+    if not isinstance(out, Tensor) or out.dim() < 2:
+        return out
+    shape = [1, out.shape[1]] + [1] * (out.dim() - 2)
+    d = (scale.to(out.device, out.dtype) if scale is not None
+         else torch.ones(out.shape[1], dtype=out.dtype, device=out.device)).view(shape)
+    rms = (out * d).pow(2).mean().sqrt()
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    return out + noise * (eps * rms) / d
 
 
 def noise_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], batch: tuple[object, ...],
@@ -439,13 +494,15 @@ def noise_sensitivity(ref: torch.fx.GraphModule, node_to_site: dict[str, str], b
     """
     out: dict[str, float] = {}
     with torch.no_grad():
-        base = torch.fx.Interpreter(ref).run(*batch)
+        base = ref(*batch)
         if not isinstance(base, Tensor):
             return out
         ref_energy = float(base.double().pow(2).sum().clamp_min(1e-30))
-        for node_name, fqn in wrap(node_to_site.items()):
-            y = _Perturbed(ref, node_name, eps, scales.get(fqn)).run(*batch)
-            out[fqn] = float((y - base).double().pow(2).sum()) / ref_energy / eps**2
+        for name, run_rest in wrap(SuffixWalk(ref, batch, list(node_to_site))):
+            scale = scales.get(node_to_site[name])
+            y = run_rest(lambda t, scale=scale: _relative_noise(t, eps, scale))
+            # a layer called at several nodes keeps its last call's figure
+            out[node_to_site[name]] = float((y - base).double().pow(2).sum()) / ref_energy / eps**2
     return out
 
 
@@ -473,7 +530,8 @@ def _swapped_kernel(gm: torch.fx.GraphModule, fqn: str, kernel: Tensor) -> Itera
 
 
 def probe_sensitivity(gm: torch.fx.GraphModule, probes: dict[str, list[tuple[float, Tensor]]],
-                      batch: tuple[object, ...], wrap: Callable[[Any], Any] = iter) -> dict[str, float]:
+                      batch: tuple[object, ...], node_to_site: dict[str, str] | None = None,
+                      wrap: Callable[[Any], Any] = iter) -> dict[str, float]:
     """Measured harm per unit of predicted error, for each layer.
 
     Why: a layer's predicted output error says nothing about how much of it survives to
@@ -482,20 +540,33 @@ def probe_sensitivity(gm: torch.fx.GraphModule, probes: dict[str, list[tuple[flo
     pairs; each kernel is swapped into the layer (``gm.get_submodule(fqn).weight``) in
     turn, the model's output on ``batch`` is compared with the unmodified output
     (:func:`output_discrepancy`), and the least-squares slope of harm over predicted
-    error² is returned. Weights are restored afterwards, also on error. Models whose
+    error² is returned. Only the graph from the layer's first use on is re-run
+    (:class:`SuffixWalk`); ``node_to_site`` names the nodes that use each layer (default:
+    the ``call_module`` nodes of the probed layers). Weights are restored afterwards, also on error. Models whose
     output is not a single tensor get no entries (the allocation then weights every layer
     alike). ``wrap`` may wrap the per-layer loop (e.g. in a progress bar).
     """
+    if node_to_site is None:
+        node_to_site = {n.name: str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n.target in probes}
+    first_call: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if node_to_site.get(n.name) in probes:
+            first_call.setdefault(node_to_site[n.name], n.name)
+    missing = set(probes) - set(first_call)
+    if missing:
+        raise KeyError(f"no node uses the probed layers {sorted(missing)}")
+    fqn_of = {name: fqn for fqn, name in first_call.items()}
     out: dict[str, float] = {}
     with torch.no_grad():
         base = gm(*batch)
         if not isinstance(base, Tensor):
             return out
-        for fqn, pts in wrap(probes.items()):
+        for name, run_rest in wrap(SuffixWalk(gm, batch, list(fqn_of))):
+            fqn = fqn_of[name]
             harm = []
-            for err2, kernel in pts:
+            for err2, kernel in probes[fqn]:
                 with _swapped_kernel(gm, fqn, kernel):
-                    harm.append((err2, output_discrepancy(gm(*batch), base)))
+                    harm.append((err2, output_discrepancy(run_rest(), base)))
             den = sum(e * e for e, _ in harm)
             if den > 0:
                 out[fqn] = max(sum(e * h for e, h in harm) / den, 1e-12)

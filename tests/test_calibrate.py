@@ -6,13 +6,14 @@ import re
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import convfx
 from convfx.zoo import cifar_resnet
 from passes.allocate import Candidate, allocate, layer_candidates, predicted_kernel
-from passes.calibrate import output_discrepancy, probe_sensitivity
+from passes.calibrate import SuffixWalk, noise_sensitivity, output_discrepancy, probe_sensitivity
 from passes.convs import find_sites
 from passes.factors import FactorPlan
 from passes.trace import trace
@@ -238,6 +239,100 @@ def test_probe_sensitivity_ranks_layers_and_restores_weights() -> None:
     assert sens["quiet"] < 1e-2 * sens["loud"], sens  # 0.01 output weight: 1e-4 of the harm
     for k, v in gm.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+class _PaddedConv(nn.Conv2d):
+    """EfficientNet-style "same" conv: traced as pad + F.conv2d on the module's weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride)
+
+
+class _SharedConvNet(nn.Module):
+    """A residual add, one conv module called twice and a functional conv: suffix runs must see them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.padded = _PaddedConv(8, 8, 2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = h + torch.relu(self.shared(h))
+        h = torch.relu(self.shared(h))
+        h = torch.relu(self.padded(h))
+        return self.head(h.mean((2, 3)))
+
+
+class _Override(torch.fx.Interpreter):
+    """Ground truth for a suffix run: a full forward pass with one node's output transformed."""
+
+    def __init__(self, gm: torch.fx.GraphModule, name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(gm)
+        self.name, self.fn = name, fn
+
+    def run_node(self, n: torch.fx.Node) -> object:
+        out = super().run_node(n)
+        return self.fn(out) if n.name == self.name else out
+
+
+def test_suffix_walk_matches_full_forward_passes() -> None:
+    torch.manual_seed(0)
+    gm = trace(_SharedConvNet().eval()).gm
+    x = torch.randn(4, 3, 12, 12)
+    names = [n.name for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    walk = SuffixWalk(gm, (x,), names)
+    assert len(walk) == len(names)
+    seen = []
+    with torch.no_grad():
+        y0 = gm(x)
+        for name, run_rest in walk:
+            seen.append(name)
+            torch.testing.assert_close(run_rest(), y0, rtol=0, atol=0)
+            expected = _Override(gm, name, lambda t: t * 1.5 - 0.25).run(x)
+            torch.testing.assert_close(run_rest(lambda t: t * 1.5 - 0.25), expected, rtol=0, atol=0)
+    assert seen == names  # graph order, every chosen node once
+
+
+def test_probe_and_noise_sensitivity_match_their_definitions_on_a_shared_layer() -> None:
+    """Suffix-only runs give what full forward passes give, also for a layer called twice."""
+    torch.manual_seed(0)
+    gm = trace(_SharedConvNet().eval()).gm
+    x = torch.randn(6, 3, 12, 12)
+    w = gm.shared.weight.detach().clone()
+    probes = {"shared": [(0.1, 0.8 * w), (0.3, w * (torch.rand_like(w) > 0.3))],
+              "stem": [(0.2, 0.5 * gm.stem.weight.detach())], "padded": [(0.2, -gm.padded.weight.detach())]}
+    node_to_site = {n.name: s.fqn for s in find_sites(gm)[0] for n in s.nodes}
+    assert any(gm.graph.find_nodes(op="call_function", target=F.conv2d)) and "padded" in node_to_site.values()
+    sens = probe_sensitivity(gm, probes, (x,), node_to_site)
+    assert set(sens) == set(probes)
+    with torch.no_grad():
+        base = gm(x)
+        for fqn, pts in probes.items():
+            harm = []
+            for e, k in pts:
+                saved = gm.get_submodule(fqn).weight.detach().clone()
+                gm.get_submodule(fqn).weight.copy_(k)
+                harm.append((e, output_discrepancy(gm(x), base)))
+                gm.get_submodule(fqn).weight.copy_(saved)
+            slope = sum(e * h for e, h in harm) / sum(e * e for e, _ in harm)
+            assert sens[fqn] == pytest.approx(slope, rel=1e-9), fqn
+    noise = noise_sensitivity(gm, node_to_site, (x,), {})
+    assert set(noise) == {"stem", "shared", "padded", "head"}
+    g = torch.Generator()
+
+    def noisy(t: torch.Tensor) -> torch.Tensor:
+        g.manual_seed(0)
+        return t + torch.randn(t.shape, generator=g) * 0.1 * t.pow(2).mean().sqrt()
+
+    with torch.no_grad():
+        for name, fqn in node_to_site.items():
+            y = _Override(gm, name, noisy).run(x)
+            expected = float((y - base).double().pow(2).sum() / base.double().pow(2).sum()) / 0.1**2
+            if name == [n for n, f in node_to_site.items() if f == fqn][-1]:  # a shared layer keeps its last call
+                assert noise[fqn] == pytest.approx(expected, rel=1e-4), name
 
 
 def test_flops_target_keeps_the_allocation_closest_on_calibration_data() -> None:
