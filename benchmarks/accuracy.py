@@ -10,6 +10,7 @@ One script, one machine, every method at the same conv-MAC reductions:
   fine-tuned with plain cross-entropy (**convfx**) or distilled (**convfx+KD**) from a
   teacher (default: the uncompressed model after the same fine-tuning budget, i.e. the
   baseline row; ``--teacher original`` distils from the pretrained checkpoint).
+  ``--methods convfx+KD`` without ``convfx`` fine-tunes only the distilled variant.
 * **pruning**: Torch-Pruning's L1-magnitude structured channel pruning (the peer a user
   would pick), its ratio bisected to the same conv-MAC target. On the CIFAR ResNets only
   the inner channels of each block are pruned (``conv1``, ``linear`` and every block's
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -66,6 +68,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import convfx  # noqa: E402
 from convfx import zoo  # noqa: E402
+from convfx.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from convfx.data import cache_dir, cifar10, imagenet, split_dataset  # noqa: E402
 from convfx.train import recalibrate_bn  # noqa: E402
 from passes.calibrate import output_discrepancy  # noqa: E402
@@ -223,6 +226,11 @@ class Row:
     note: str = ""
 
 
+def row_key(r: Row) -> tuple[Any, ...]:
+    """The point a row measures: (model, method, target), plus the note for target-free rows."""
+    return (r.model, r.method, r.target, r.note if r.target is None else "")
+
+
 @dataclass
 class Results:
     command: str
@@ -231,6 +239,10 @@ class Results:
     base_macs: dict[str, int] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        """Append ``row``, replacing a row of the same point (a re-measured or resumed one)."""
+        self.rows = [r for r in self.rows if row_key(r) != row_key(row)] + [row]
 
     def save(self, out_dir: Path, tag: str) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +370,18 @@ class Bench:
         self.t_start = time.perf_counter()
         self._ref_logits: dict[tuple[int, int], list[torch.Tensor]] = {}
 
+    def baseline_cache(self, model: str) -> Path:
+        """Where the fine-tuned baseline (the distillation teacher) is kept for ``--resume``."""
+        keys = {k: self.res.settings.get(k) for k in RESUME_SETTINGS}
+        digest = hashlib.sha256(json.dumps([model, self.a.device, keys], sort_keys=True).encode()).hexdigest()[:12]
+        return cache_dir() / "accuracy" / f"{model}-baseline-{digest}.pt"
+
+    def have(self, model: str, method: str, target: float | None) -> bool:
+        """Whether a (resumed) row already measures this point, fine-tuned when epochs > 0."""
+        return any(r.model == model and r.method == method and r.target == target
+                   and (self.a.epochs == 0 or r.top1_ft is not None or method == "original")
+                   for r in self.res.rows)
+
     def over_budget(self) -> bool:
         return self.a.time_budget is not None and time.perf_counter() - self.t_start > self.a.time_budget
 
@@ -480,7 +504,7 @@ class Bench:
 
         ev = self.evaluate(original, test_batches)
         params = sum(p.numel() for p in original.parameters())
-        self.res.rows.append(Row(name, "original", None, base_macs, params, ev["top1"], ev["top5"]))
+        self.res.add(Row(name, "original", None, base_macs, params, ev["top1"], ev["top5"]))
         self.flush()
 
         def finetune(model: nn.Module, teacher: nn.Module | None) -> tuple[dict[str, float], float]:
@@ -494,21 +518,33 @@ class Bench:
         teacher: nn.Module = original
         if a.epochs > 0:
             baseline = copy.deepcopy(original)
-            ev_ft, ft_s = finetune(baseline, None)
-            self.res.rows.append(Row(name, "baseline", None, base_macs, params, ev["top1"], ev["top5"],
-                                     ev_ft["top1"], ev_ft["top5"], a.epochs, 0.0, ft_s,
-                                     "uncompressed, same fine-tuning budget"))
+            cached = self.baseline_cache(name)
+            if self.have(name, "baseline", None) and cached.exists():
+                baseline.load_state_dict(load_checkpoint(cached)["state_dict"])
+                log.info("%s baseline: fine-tuned weights of the resumed run from %s", name, cached)
+            else:
+                ev_ft, ft_s = finetune(baseline, None)
+                atomic_save({"state_dict": baseline.state_dict()}, cached)
+                self.res.add(Row(name, "baseline", None, base_macs, params, ev["top1"], ev["top5"],
+                                 ev_ft["top1"], ev_ft["top5"], a.epochs, 0.0, ft_s,
+                                 "uncompressed, same fine-tuning budget"))
+                self.flush()
+                log.info("%s baseline: %.2f -> %.2f after %d epochs (%.0fs)", name, ev["top1"], ev_ft["top1"],
+                         a.epochs, ft_s)
             if a.teacher == "finetuned":
                 teacher = baseline.eval()
-            self.flush()
-            log.info("%s baseline: %.2f -> %.2f after %d epochs (%.0fs)", name, ev["top1"], ev_ft["top1"],
-                     a.epochs, ft_s)
 
         ignored = cifar_ignored
+        # convfx+KD fine-tunes the compressed model of the convfx row ("--methods convfx+KD" alone skips the
+        # cross-entropy fine-tuning but still compresses)
+        to_compress = list(dict.fromkeys("convfx" if m == "convfx+KD" else m for m in a.methods))
         for target in a.targets:
-            for method in a.methods:
-                if method == "convfx+KD":
-                    continue  # shares the compressed model with "convfx"
+            for method in to_compress:
+                labels = [m for m in (("convfx", "convfx+KD") if method == "convfx" else (method,))
+                          if m in a.methods and (a.epochs > 0 or m != "convfx+KD")]
+                if all(self.have(name, m, target) for m in labels):
+                    log.info("%s %s at %sx: measured in the resumed run", name, method, target)
+                    continue
                 if self.over_budget():
                     self.res.notes.append(f"{name} {method} at {target}x: not run (time budget reached)")
                     self.flush()
@@ -518,18 +554,19 @@ class Bench:
                 if done is None:
                     continue
                 model, first = done
-                variants = [("convfx", None), ("convfx+KD", teacher)] if method == "convfx" else [(method, None)]
-                variants = [v for v in variants if v[0] in a.methods and (a.epochs > 0 or v[0] != "convfx+KD")]
-                for label, teach in variants:
+                for label in labels:
+                    if self.have(name, label, target):
+                        continue
+                    teach = teacher if label == "convfx+KD" else None
                     row = replace(first, method=label, epochs=a.epochs)
                     if a.epochs > 0 and not self.over_budget():
                         ev_ft, ft_s = finetune(copy.deepcopy(model), teach)
                         row.top1_ft, row.top5_ft, row.finetune_s = ev_ft["top1"], ev_ft["top5"], ft_s
-                    self.res.rows.append(row)
+                    self.res.add(row)
                     self.flush()
                     log.info("%s %s %.1fx: calib-only %.2f, FT %s", name, label, target, row.top1_calib,
                              fmt(row.top1_ft))
-        if "seed" in a.methods and not self.over_budget():
+        if "seed" in a.methods and not self.over_budget() and not self.have(name, "seed", None):
             # The seed method's own operating point: VBMF ranks.
             t0 = time.perf_counter()
             model = convfx.compress(original, example, method="tucker", rank="vbmf", progress=False)
@@ -542,7 +579,7 @@ class Bench:
             if a.epochs > 0 and not self.over_budget():
                 ev_ft, ft_s = finetune(model, None)
                 row.top1_ft, row.top5_ft, row.finetune_s = ev_ft["top1"], ev_ft["top5"], ft_s
-            self.res.rows.append(row)
+            self.res.add(row)
             self.flush()
 
     # -- EfficientNet-Lite0 -----------------------------------------------------
@@ -569,16 +606,16 @@ class Bench:
 
         ev = self.evaluate(original, test_batches)
         params = sum(p.numel() for p in original.parameters())
-        self.res.rows.append(Row(name, "original", None, base_macs, params, ev["top1"], ev["top5"]))
+        self.res.add(Row(name, "original", None, base_macs, params, ev["top1"], ev["top5"]))
         self.flush()
         for target in a.lite_targets:
             for method in a.methods:
-                if method == "convfx+KD":
-                    continue  # no fine-tuning here: it would be the convfx row
+                if method == "convfx+KD" or self.have(name, method, target):
+                    continue  # convfx+KD: no fine-tuning here, it would be the convfx row
                 done = self.point(name, method, target, original, example, base_macs, calib, lite_ignored,
                                   test_batches)
                 if done is not None:
-                    self.res.rows.append(done[1])
+                    self.res.add(done[1])
                     self.flush()
 
 
@@ -597,11 +634,17 @@ def merge(paths: list[Path]) -> Results:
         for r in d["rows"]:
             if r["method"] == "convfx+KD" and r["top1_ft"] is None:
                 continue  # before fine-tuning it is the convfx row
-            rows[(r["model"], r["method"], r["target"], r["note"] if r["target"] is None else "")] = Row(**r)
+            row = Row(**r)
+            rows[row_key(row)] = row
         res.notes += [f"run {i + 1}: {n}" if n.startswith("wall") else n for n in d["notes"]]
     res.rows = list(rows.values())
+    drop_stale_notes(res)
+    return res
 
-    def measured_later(note: str) -> bool:  # "<model> <method> at <t>x: not run ..." with a row from another run
+
+def drop_stale_notes(res: Results) -> None:
+    """Drop "<model> <method> at <t>x: not run/failed" notes of points that have a row now, and repeats."""
+    def measured(note: str) -> bool:
         head = note.split(":", 1)[0].split()[:4]
         if not ("not run" in note or "failed" in note) or len(head) != 4:
             return False
@@ -609,8 +652,32 @@ def merge(paths: list[Path]) -> Results:
         return any(r.model == model and r.method in (method, method + "+KD") and r.target == float(t.rstrip("x"))
                    for r in res.rows)
 
-    res.notes = list(dict.fromkeys(n for n in res.notes if not measured_later(n)))
-    return res
+    res.notes = list(dict.fromkeys(n for n in res.notes if not measured(n)))
+
+
+#: Settings that must agree for a resumed run to extend a saved one.
+RESUME_SETTINGS = ("epochs", "lr", "batch_size", "warmup", "weight_decay", "bn", "kd_alpha", "kd_temperature",
+                   "calib_images", "lite_calib", "teacher_desc")
+
+
+def resumed(path: Path, res: Results) -> Results:
+    """The saved run at ``path`` extended by the run described by ``res`` (its command, machine, settings).
+
+    Why: a fine-tuning grid on a CPU takes longer than one sitting; ``--resume`` measures
+    only the points the saved file lacks. A different machine or training setting would
+    mix incomparable rows, so either is an error naming what differs.
+    """
+    old = merge([path])
+    diff = [k for k in RESUME_SETTINGS if old.settings.get(k) != res.settings.get(k)]
+    if old.machine != res.machine:
+        diff.append(f"machine ({old.machine!r} vs {res.machine!r})")
+    if diff:
+        raise SystemExit(f"--resume: {path} was made with other settings: {', '.join(diff)}; "
+                         "use another --tag or the same settings")
+    old.command = f"{old.command}` ; `{res.command}"
+    old.settings = {**old.settings, "targets": sorted({*old.settings["targets"], *res.settings["targets"]}),
+                    "lite_targets": sorted({*old.settings["lite_targets"], *res.settings["lite_targets"]})}
+    return old
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -643,6 +710,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="extend accuracy_<tag>.json in --out-dir: measure only the points it lacks (same "
+                         "machine and settings; the fine-tuned baseline is reloaded from the cache)")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -694,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     settings["teacher_desc"] = teacher_desc
     cmd = "python " + " ".join(["benchmarks/accuracy.py", *argv])
     res = Results(cmd, machine(torch.device(args.device)), settings)
+    saved = args.out_dir / f"accuracy_{args.tag}.json"
+    if args.resume and saved.exists():
+        res = resumed(saved, res)
     bench = Bench(args, res)
     t0 = time.perf_counter()
     for m in args.models:
@@ -701,8 +774,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.lite()
         else:
             bench.cifar(m)
-    res.notes.append(f"wall time {time.perf_counter() - t0:.0f} s"
+    runs = sum(1 for n in res.notes if n.startswith("run ") and "wall time" in n)
+    res.notes.append((f"run {runs + 1}: " if runs else "") + f"wall time {time.perf_counter() - t0:.0f} s"
                      + (f"; load average at end {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""))
+    drop_stale_notes(res)
     bench.flush()
     print(markdown(res))
     return 0
