@@ -35,6 +35,9 @@ MACs: fvcore's count, 1 multiply-add = 1, all conv layers, per image; GFLOPs = 2
     # with 5 epochs of fine-tuning per point (a GPU makes this minutes, not a day)
     python benchmarks/accuracy.py --shared-data ../shared/data --models resnet20,resnet56 \\
         --epochs 5 --device cuda --tag cuda
+    # a CPU grid over several sittings: each call adds the points the saved JSON lacks
+    python benchmarks/accuracy.py --shared-data ../shared/data --models resnet56 --epochs 5 \\
+        --targets 2 --tag cpu_ft_resnet56 --resume
 
 Writes ``accuracy_<tag>.md``, ``.json`` and ``.png`` (top-1 vs conv MACs, one line per
 method) to ``--out-dir``; the JSON is rewritten after every point, so an interrupted run
@@ -519,9 +522,12 @@ class Bench:
         if a.epochs > 0:
             baseline = copy.deepcopy(original)
             cached = self.baseline_cache(name)
+            needs_teacher = "convfx+KD" in a.methods and a.teacher == "finetuned"
             if self.have(name, "baseline", None) and cached.exists():
                 baseline.load_state_dict(load_checkpoint(cached)["state_dict"])
                 log.info("%s baseline: fine-tuned weights of the resumed run from %s", name, cached)
+            elif self.have(name, "baseline", None) and not needs_teacher:
+                log.info("%s baseline: measured in the resumed run (no teacher needed)", name)
             else:
                 ev_ft, ft_s = finetune(baseline, None)
                 atomic_save({"state_dict": baseline.state_dict()}, cached)
