@@ -334,7 +334,7 @@ def plot(res: Results, path: Path) -> None:
             ax = axes[row][col]
             rows = [r for r in res.rows if r.model == model]
             for method in METHODS:
-                if method == "convfx+KD" and attr == "top1_calib":
+                if method == "convfx+KD" and attr == "top1_calib" and any(r.method == "convfx" for r in rows):
                     continue  # the same model as convfx before fine-tuning
                 xy = sorted((r.conv_macs / 1e6, getattr(r, attr)) for r in rows
                             if r.method == method and getattr(r, attr) is not None)
