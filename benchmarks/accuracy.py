@@ -662,8 +662,8 @@ def drop_stale_notes(res: Results) -> None:
 
 
 #: Settings that must agree for a resumed run to extend a saved one.
-RESUME_SETTINGS = ("epochs", "lr", "batch_size", "warmup", "weight_decay", "bn", "kd_alpha", "kd_temperature",
-                   "calib_images", "lite_calib", "teacher_desc")
+RESUME_SETTINGS = ("epochs", "max_steps", "lr", "batch_size", "warmup", "weight_decay", "bn", "kd_alpha",
+                   "kd_temperature", "calib_images", "lite_calib", "teacher_desc")
 
 
 def resumed(path: Path, res: Results) -> Results:
@@ -764,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     teacher_desc = ("the uncompressed model after the same fine-tuning (the baseline row)"
                     if args.teacher == "finetuned" else "the pretrained checkpoint")
-    settings = {k: v for k, v in vars(args).items() if k in ("epochs", "lr", "batch_size", "warmup", "weight_decay",
+    settings = {k: v for k, v in vars(args).items() if k in ("epochs", "max_steps", "lr", "batch_size", "warmup",
+                                                             "weight_decay",
                                                              "bn", "kd_alpha", "kd_temperature", "calib_images",
                                                              "lite_calib", "targets", "lite_targets")}
     settings["teacher_desc"] = teacher_desc
