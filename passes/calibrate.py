@@ -425,16 +425,14 @@ class SuffixWalk:
         self.interp.extra_traceback = False
         self.batch = batch
         self.nodes = list(gm.graph.nodes)
-        pos = {n: i for i, n in enumerate(self.nodes)}
-        by_name = {n.name: i for i, n in enumerate(self.nodes)}
-        missing = set(node_names) - set(by_name)
+        index = {n.name: i for i, n in enumerate(self.nodes)}
+        missing = set(node_names) - set(index)
         if missing:
             raise KeyError(f"nodes not in the graph: {sorted(missing)}")
-        self.stops = sorted({by_name[name] for name in node_names})
-        self.free_after: dict[int, list[torch.fx.Node]] = {}
-        for n in self.nodes:
-            last = max((pos[u] for u in n.users), default=pos[n])
-            self.free_after.setdefault(last, []).append(n)
+        self.stops = sorted({index[name] for name in node_names})
+        self.free_after: dict[int, list[torch.fx.Node]] = {}  # values whose last use is node i
+        for i, n in enumerate(self.nodes):
+            self.free_after.setdefault(max((index[u.name] for u in n.users), default=i), []).append(n)
 
     def __len__(self) -> int:
         return len(self.stops)
@@ -447,24 +445,25 @@ class SuffixWalk:
             out = transform(out)
         env[node] = out
         for dead in self.free_after.get(i, ()):
-            if dead.op != "output":
-                env.pop(dead, None)
+            env.pop(dead, None)
         return out
 
     def __iter__(self) -> Iterator[tuple[str, Callable[..., Any]]]:
         env: dict[torch.fx.Node, Any] = {}
         self.interp.args_iter = iter(self.batch)
-        stops = set(self.stops)
-        for i in range(self.stops[-1] + 1 if self.stops else 0):
-            if i in stops:
-                def run_rest(transform: Callable[[Any], Any] | None = None, start: int = i) -> Any:
-                    suffix_env = dict(env)
-                    out = None
-                    for j in range(start, len(self.nodes)):
-                        out = self._step(suffix_env, j, transform if j == start else None)
-                    return out
-                yield self.nodes[i].name, run_rest
-            self._step(env, i)
+        done = 0  # nodes run on the main pass
+        for stop in self.stops:
+            for i in range(done, stop):
+                self._step(env, i)
+            done = stop
+
+            def run_rest(transform: Callable[[Any], Any] | None = None, start: int = stop) -> Any:
+                suffix_env = dict(env)
+                out = None
+                for j in range(start, len(self.nodes)):
+                    out = self._step(suffix_env, j, transform if j == start else None)
+                return out
+            yield self.nodes[stop].name, run_rest
 
 
 def _relative_noise(out: Any, eps: float, scale: Tensor | None) -> Any:
