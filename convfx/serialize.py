@@ -11,13 +11,14 @@ needs; :func:`load` rebuilds the structure (trace → find sites → factorize w
 File layout (one ``torch.save``'d dict, readable with ``torch.load(path, weights_only=True)``;
 only tensors and plain Python types)::
 
-    {"format": "convfx.model", "version": 1, "convfx_version": "0.1.0",
+    {"format": "convfx.model", "version": 2, "convfx_version": "0.1.0",
      "arch": "cifar_resnet20" | None,          # registry name (convfx.zoo.build)
      "normalization": {"mean": [...], "std": [...]} | None,
      "input_shapes": [[1, 3, 32, 32]],         # example input(s) the report was computed for
      "training": bool,                         # top-level train/eval mode
      "layers": {fqn: {"method": "tucker", "ranks": [r_out, r_in],
-                      "kind": "conv" | "linear", "geometry": ConvGeometry.to_dict()}},
+                      "kind": "conv" | "linear", "geometry": ConvGeometry.to_dict(),
+                      "fold_square": bool}},  # version 2; version-1 files never fold
      "report": "<Report as JSON>" | None,
      "state_dict": {name: tensor}}
 
@@ -68,8 +69,10 @@ log = logging.getLogger(__name__)
 
 #: Value of the ``"format"`` key that marks a convfx model file.
 FORMAT = "convfx.model"
-#: Layout version written by :func:`save`; :func:`load` reads this version only.
-VERSION = 1
+#: Layout version written by :func:`save`. Version 2 folds full-rank tucker factors into the
+#: core (:func:`passes.factors.tucker_keeps`); :func:`load` also reads version 1 files.
+VERSION = 2
+_READABLE = (1, 2)
 
 _FINETUNE_FORMAT = "convfx.finetune/1"  # see convfx.train (its resumable checkpoints)
 
@@ -90,6 +93,8 @@ def _factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
                 # from the rebuilt architecture; the geometry check catches mismatches.
                 "kind": "linear" if geom.linear else "conv",
                 "geometry": geom.to_dict(),
+                # False only for a model loaded from a version-1 file (unfolded tucker layout).
+                "fold_square": bool(getattr(mod, "fold_square", True)),
             }
     return layers
 
@@ -183,8 +188,9 @@ def _check_spec(obj: Any, where: str) -> dict[str, Any]:
                     "model with convfx.load(model_file, state_dict=this_file)")
         raise ConvfxError(f"not a convfx model file (format {fmt!r})", where=where, hint=hint)
     version = obj.get("version")
-    if version != VERSION:
-        raise ConvfxError(f"unsupported convfx model file version {version!r} (this convfx reads {VERSION})",
+    if version not in _READABLE:
+        raise ConvfxError(f"unsupported convfx model file version {version!r} (this convfx reads "
+                          f"{', '.join(map(str, _READABLE))})",
                           where=where, hint="load it with the convfx version that wrote it")
     for key, typ in (("layers", dict), ("state_dict", dict)):
         if not isinstance(obj.get(key), typ):
@@ -200,18 +206,20 @@ def read_spec(path: PathLike) -> dict[str, Any]:
 
 
 def _plans(spec: dict[str, Any], where: str) -> tuple[dict[str, FactorPlan], dict[str, ConvGeometry],
-                                                      dict[str, str]]:
+                                                      dict[str, str], dict[str, bool]]:
     plans: dict[str, FactorPlan] = {}
     geoms: dict[str, ConvGeometry] = {}
     kinds: dict[str, str] = {}
+    folds: dict[str, bool] = {}
     for fqn, entry in spec["layers"].items():
         try:
             plans[fqn] = FactorPlan(str(entry["method"]), tuple(int(r) for r in entry["ranks"]))
             geoms[fqn] = ConvGeometry.from_dict(entry["geometry"])
             kinds[fqn] = str(entry.get("kind", "conv"))
+            folds[fqn] = bool(entry.get("fold_square", spec["version"] >= 2))  # version 1: never folded
         except (KeyError, TypeError, ValueError) as exc:
             raise ConvfxError(f"malformed entry for layer {fqn!r}: {exc}", where=where) from exc
-    return plans, geoms, kinds
+    return plans, geoms, kinds, folds
 
 
 def _base_model(spec: dict[str, Any], model: nn.Module | None, where: str) -> nn.Module:
@@ -244,7 +252,7 @@ def _float_dtype(state: Mapping[str, Any]) -> torch.dtype | None:
 
 
 def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModule:
-    plans, geoms, kinds = _plans(spec, where)
+    plans, geoms, kinds, folds = _plans(spec, where)
     dtype = _float_dtype(spec["state_dict"])
     if dtype is not None:
         base = base.to(dtype)
@@ -265,7 +273,10 @@ def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModul
                 f"layer geometry differs: file has {kinds[fqn]} {geom}, model has {site.kind} {site.geometry}",
                 where=f"{where}: {fqn}", hint="the model is a different architecture (or variant) "
                 "from the one the file was saved from")
-    factorize_sites(gm, [by_fqn[f] for f in plans], plans, weight_fn=None)
+    for fold in (True, False):
+        group = {f: p for f, p in plans.items() if folds[f] is fold}
+        if group:
+            factorize_sites(gm, [by_fqn[f] for f in group], group, weight_fn=None, fold_square=fold)
     return gm
 
 

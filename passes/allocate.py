@@ -95,19 +95,20 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
         for r in rank_grid(full, multiple, points=max(28, min(full, 256))):  # 1-D: afford every rank
             plan = FactorPlan("svd", (r,))
             cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], float(tail[min(r, tail.numel() - 1)])))
-        return cands
+        return _cheaper(cands)
     w1 = unfold(w, 1)
     m_in = root @ w1 @ w1.T @ root if root is not None else w1 @ w1.T
     tail_in = _tail_fractions(torch.linalg.eigvalsh((m_in + m_in.T) / 2))
     c_y = c_out.to(w.device) if c_out is not None else unfold(w, 0) @ unfold(w, 0).T
     tail_out = _tail_fractions(torch.linalg.eigvalsh((c_y + c_y.T) / 2))
     if method == "tucker":
-        for ro in rank_grid(cout, multiple):
-            for ri in rank_grid(g.in_channels, multiple):
+        # Up to 48 ranks per mode (every rank of a small layer), so the budget can be met closely.
+        for ro in rank_grid(cout, multiple, points=max(28, min(cout, 48))):
+            for ri in rank_grid(g.in_channels, multiple, points=max(28, min(g.in_channels, 48))):
                 plan = FactorPlan("tucker", (ro, ri))
                 cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0],
                                        float(tail_out[ro]) + float(tail_in[ri])))
-        return cands
+        return _cheaper(cands)
     kh, kw = g.kernel_size
     full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
     for r in rank_grid(full, multiple, points=max(28, min(full, 256))):
@@ -117,7 +118,16 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
         # higher ranks strictly better, so the allocation lands on its target.
         err2 = float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)]) + 1e-4 * (1 - r / full)
         cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], err2))
-    return cands
+    return _cheaper(cands)
+
+
+def _cheaper(cands: list[Candidate]) -> list[Candidate]:
+    """The keep-as-is candidate plus the plans that cost fewer MACs than it.
+
+    Why: a plan at the original's cost or above (e.g. tucker at full rank, folded to one
+    conv) can never beat keeping the layer, yet would be reported as a factorization.
+    """
+    return [cands[0]] + [c for c in cands[1:] if c.macs < cands[0].macs]
 
 
 def _top_eigvecs(m: Tensor, r: int) -> Tensor:

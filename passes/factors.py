@@ -6,7 +6,10 @@ factor modules, so a saved model can be rebuilt without re-running any decomposi
 Structures (input on the left):
 
 * ``tucker`` — 1x1 (C_in→r_in) · k_h×k_w core (r_in→r_out, original stride/padding/dilation
-  and padding mode) · 1x1 (r_out→C_out, original bias). Kim et al. 2015.
+  and padding mode) · 1x1 (r_out→C_out, original bias). Kim et al. 2015. A factor at full
+  channel rank (r_in = C_in or r_out = C_out) is a square 1x1 conv that costs MACs and time
+  and removes nothing, so it is folded into the core (:func:`tucker_keeps`): (C_out, C_in)
+  leaves one conv, (r_out, C_in) the svd-like pair k_h×k_w · 1x1.
 * ``cp`` — 1x1 (C_in→R) · depthwise k_h×1 · depthwise 1×k_w · 1x1 (R→C_out, bias). The
   vertical conv takes the vertical stride/padding/dilation, the horizontal one the
   horizontal ones. Lebedev et al. 2015.
@@ -26,7 +29,7 @@ from .decompose import relative_error, truncated_svd, tucker2
 
 __all__ = [
     "FactorPlan", "METHODS", "build_factor_modules", "decompose_weights", "factor_cost",
-    "original_cost", "max_ranks", "Factorized", "output_hw",
+    "original_cost", "max_ranks", "Factorized", "output_hw", "tucker_keeps", "module_weights",
 ]
 
 METHODS = ("tucker", "cp", "svd")
@@ -58,6 +61,19 @@ def max_ranks(geom: ConvGeometry, method: str) -> tuple[int, ...]:
     return (dims[0] * dims[1] * dims[2],)
 
 
+def tucker_keeps(geom: ConvGeometry, plan: FactorPlan, fold_square: bool = True) -> tuple[bool, bool]:
+    """Whether a tucker plan keeps its (input, output) 1x1 factor; ``(True, True)`` for other methods.
+
+    Why: at full channel rank a factor is an invertible square 1x1 conv; folding it into
+    the core gives the same function with fewer MACs and one layer less. ``fold_square=False``
+    gives the unfolded layout that files of format version 1 were written with.
+    """
+    if plan.method != "tucker" or not fold_square:
+        return True, True
+    r_out, r_in = plan.ranks
+    return r_in < geom.in_channels, r_out < geom.out_channels
+
+
 def _conv(cin: int, cout: int, k: tuple[int, int], geom: ConvGeometry, *, stride: tuple[int, int] = (1, 1),
           padding: tuple[int, int] | str = (0, 0), dilation: tuple[int, int] = (1, 1), groups: int = 1,
           bias: bool = False, **factory: object) -> nn.Conv2d:
@@ -66,7 +82,7 @@ def _conv(cin: int, cout: int, k: tuple[int, int], geom: ConvGeometry, *, stride
 
 
 def build_factor_modules(geom: ConvGeometry, plan: FactorPlan, *, dtype: torch.dtype | None = None,
-                         device: torch.device | str | None = None) -> list[nn.Module]:
+                         device: torch.device | str | None = None, fold_square: bool = True) -> list[nn.Module]:
     """The factor layers for ``plan``, uninitialised (weights are filled in separately)."""
     fk = {"dtype": dtype, "device": device}
     cin, cout, k = geom.in_channels, geom.out_channels, geom.kernel_size
@@ -83,11 +99,12 @@ def build_factor_modules(geom: ConvGeometry, plan: FactorPlan, *, dtype: torch.d
         ]
     if plan.method == "tucker":
         r_out, r_in = plan.ranks
-        return [
-            _conv(cin, r_in, (1, 1), geom, **fk),
-            _conv(r_in, r_out, k, geom, stride=geom.stride, padding=geom.padding, dilation=geom.dilation, **fk),
-            _conv(r_out, cout, (1, 1), geom, bias=geom.bias, **fk),
-        ]
+        keep_in, keep_out = tucker_keeps(geom, plan, fold_square)
+        core_in, core_out = (r_in if keep_in else cin), (r_out if keep_out else cout)
+        core = _conv(core_in, core_out, k, geom, stride=geom.stride, padding=geom.padding, dilation=geom.dilation,
+                     bias=geom.bias and not keep_out, **fk)
+        return ([_conv(cin, r_in, (1, 1), geom, **fk)] if keep_in else []) + [core] + (
+            [_conv(r_out, cout, (1, 1), geom, bias=geom.bias, **fk)] if keep_out else [])
     (r,) = plan.ranks
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     if isinstance(geom.padding, str):
@@ -133,6 +150,26 @@ def decompose_weights(weight: Tensor, bias: Tensor | None, geom: ConvGeometry,
     return [first, vert, horiz, last], float(err)
 
 
+def module_weights(geom: ConvGeometry, plan: FactorPlan, weights: list[Tensor],
+                   fold_square: bool = True) -> list[Tensor]:
+    """The weights of :func:`build_factor_modules`' layers from the method's full factor chain.
+
+    Every fitting routine returns tucker factors as ``[first 1x1, core, last 1x1]``; this
+    folds the square ones (see :func:`tucker_keeps`) into the core, in float64.
+    """
+    keep_in, keep_out = tucker_keeps(geom, plan, fold_square)
+    if keep_in and keep_out:
+        return weights
+    first, core, last = weights
+    folded = core.double()
+    if not keep_in:
+        folded = torch.einsum("oikl,ic->ockl", folded, first[:, :, 0, 0].double())
+    if not keep_out:
+        folded = torch.einsum("ao,oikl->aikl", last[:, :, 0, 0].double(), folded)
+    folded = folded.to(core.dtype).contiguous()
+    return ([first] if keep_in else []) + [folded] + ([last] if keep_out else [])
+
+
 def output_hw(h: int, w: int, geom: ConvGeometry) -> tuple[int, int]:
     """Output height and width of the conv described by ``geom`` for an h x w input."""
     if geom.padding == "same":
@@ -174,8 +211,9 @@ def factor_cost(geom: ConvGeometry, plan: FactorPlan, in_shape: tuple[int, ...])
         return n * oh * ow * r * (cin * kh * kw + cout), r * (cin * kh * kw + cout) + bias
     if plan.method == "tucker":
         r_out, r_in = plan.ranks
-        macs = n * (h * w * cin * r_in + oh * ow * (r_in * r_out * kh * kw + r_out * cout))
-        return macs, cin * r_in + r_in * r_out * kh * kw + r_out * cout + bias
+        keep_in, keep_out = tucker_keeps(geom, plan)
+        macs = n * (h * w * cin * r_in * keep_in + oh * ow * (r_in * r_out * kh * kw + r_out * cout * keep_out))
+        return macs, (cin * r_in * keep_in + r_in * r_out * kh * kw + r_out * cout * keep_out + bias)
     (r,) = plan.ranks
     mid_h = oh  # the vertical conv produces the final height at the input width
     macs = n * (h * w * cin * r + mid_h * w * r * kh + oh * ow * r * kw + oh * ow * r * cout)
@@ -190,13 +228,15 @@ class Factorized(nn.Module):
     module (for example a padding module of a conv subclass) are kept beside the factors.
     """
 
-    def __init__(self, factors: list[nn.Module], plan: FactorPlan, geometry: ConvGeometry) -> None:
+    def __init__(self, factors: list[nn.Module], plan: FactorPlan, geometry: ConvGeometry,
+                 fold_square: bool = True) -> None:
         super().__init__()
         for i, f in enumerate(factors):
             self.add_module(str(i), f)
         self.n_factors = len(factors)
         self.plan = plan
         self.geometry = geometry
+        self.fold_square = fold_square  # the layout (see tucker_keeps), so a save can rebuild it
 
     def forward(self, x: Tensor) -> Tensor:
         for i in range(self.n_factors):

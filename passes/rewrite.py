@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from .convs import Site, get_submodule_or_none, set_submodule
-from .factors import Factorized, FactorPlan, build_factor_modules
+from .factors import Factorized, FactorPlan, build_factor_modules, module_weights
 
 __all__ = ["WeightFn", "factorize_sites", "FactorizedSite"]
 
@@ -34,10 +34,12 @@ class FactorizedSite:
     new_nodes: list[list[fx.Node]]
 
 
-def _build_container(gm: fx.GraphModule, site: Site, plan: FactorPlan, weights: list[Tensor] | None) -> Factorized:
+def _build_container(gm: fx.GraphModule, site: Site, plan: FactorPlan, weights: list[Tensor] | None,
+                     fold_square: bool) -> Factorized:
     w = site.weight
-    factors = build_factor_modules(site.geometry, plan, dtype=w.dtype, device=w.device)
+    factors = build_factor_modules(site.geometry, plan, dtype=w.dtype, device=w.device, fold_square=fold_square)
     if weights is not None:
+        weights = module_weights(site.geometry, plan, weights, fold_square)
         if len(weights) != len(factors):
             raise RuntimeError(f"{site.fqn}: got {len(weights)} factor weights for {len(factors)} factors")
         with torch.no_grad():
@@ -49,7 +51,7 @@ def _build_container(gm: fx.GraphModule, site: Site, plan: FactorPlan, weights: 
             if site.bias is not None:
                 factors[-1].bias.copy_(site.bias)  # type: ignore[union-attr,operator]
     original = get_submodule_or_none(gm, site.fqn)
-    container = Factorized(factors, plan, site.geometry)
+    container = Factorized(factors, plan, site.geometry, fold_square)
     container.train(original.training if original is not None else gm.training)
     if original is not None and site.kind == "function":
         # Keep what the traced-into subclass still uses (e.g. its padding module).
@@ -65,11 +67,13 @@ def _build_container(gm: fx.GraphModule, site: Site, plan: FactorPlan, weights: 
 
 
 def factorize_sites(gm: fx.GraphModule, sites: list[Site], plans: dict[str, FactorPlan],
-                    weight_fn: WeightFn | None) -> list[FactorizedSite]:
+                    weight_fn: WeightFn | None, fold_square: bool = True) -> list[FactorizedSite]:
     """Swap every site that has a plan for its factor chain, then lint and recompile.
 
-    ``weight_fn`` supplies factor weights; ``None`` leaves them at their initial values
-    (used when loading a saved model whose weights come from a state dict).
+    ``weight_fn`` supplies the method's full factor chain (tucker: three weights; square
+    factors are folded here, see :func:`passes.factors.tucker_keeps`); ``None`` leaves the
+    weights at their initial values (used when loading a saved model whose weights come
+    from a state dict; ``fold_square=False`` rebuilds the layout of version-1 files).
     """
     done: list[FactorizedSite] = []
     graph = gm.graph
@@ -78,7 +82,7 @@ def factorize_sites(gm: fx.GraphModule, sites: list[Site], plans: dict[str, Fact
         if plan is None:
             continue
         weights = weight_fn(site, plan) if weight_fn is not None else None
-        container = _build_container(gm, site, plan, weights)
+        container = _build_container(gm, site, plan, weights, fold_square)
         set_submodule(gm, site.fqn, container)
         chains: list[list[fx.Node]] = []
         for node in site.nodes:

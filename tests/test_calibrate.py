@@ -200,7 +200,7 @@ def test_sensitivity_steers_the_allocation() -> None:
     assert sum(ranks["quiet"]) < sum(loud), ranks
 
 
-@pytest.mark.parametrize("rank", [1, 4, 9])
+@pytest.mark.parametrize("rank", [1, 3, 5])  # candidates are only plans cheaper than the layer: r(12+10) < 120
 def test_predicted_kernel_has_the_predicted_svd_error(rank: int) -> None:
     """The probe kernel's output error, computed from the covariance, is the allocation's prediction."""
     torch.manual_seed(rank)

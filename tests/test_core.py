@@ -102,6 +102,32 @@ def test_full_rank_reproduces_every_conv_variant(name: str, method: str) -> None
     assert all(r.rel_error is not None and r.rel_error < 1e-12 for r in rep.factorized)
 
 
+@pytest.mark.parametrize("ranks", [("full", 3), (4, "full"), ("full", "full"), (4, 3)])
+@pytest.mark.parametrize("name", ["plain3x3", "nonsquare", "stride_tuple", "pad_same", "reflect", "bias",
+                                  "subclass_forward", "functional", "conv_bn"])
+def test_square_tucker_factors_fold_into_the_core_without_changing_the_function(
+        name: str, ranks: tuple[int | str, int | str]) -> None:
+    """A full-rank Tucker factor is a square 1x1 conv: folded away, the layer computes the same
+    conv with the Tucker-reconstructed kernel, with one layer (and its MACs) less per fold."""
+    from passes.factors import FactorPlan, decompose_weights
+
+    model = _model(name)
+    owner = model.body.conv if name == "conv_bn" else model.body
+    cout, cin = owner.weight.shape[:2]
+    r_out, r_in = (cout if ranks[0] == "full" else ranks[0]), (cin if ranks[1] == "full" else ranks[1])
+    x = torch.randn(2, 6, 13, 11, dtype=F64)
+    gm = convfx.compress(model, x, method="tucker", rank=(r_out, r_in))
+    container = next(m for m in gm.modules() if isinstance(m, Factorized))
+    assert container.n_factors == 1 + (r_in < cin) + (r_out < cout)
+    first, core, last = decompose_weights(owner.weight, owner.bias, container.geometry,
+                                          FactorPlan("tucker", (r_out, r_in)))[0]
+    w_hat = torch.einsum("abhw,oa,bi->oihw", core, last[:, :, 0, 0], first[:, :, 0, 0])
+    ref = _model(name)
+    with torch.no_grad():
+        (ref.body.conv if name == "conv_bn" else ref.body).weight.copy_(w_hat)
+    torch.testing.assert_close(gm(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["plain3x3", "nonsquare", "stride_tuple", "pad_same", "dilation_tuple",
                                   "reflect", "replicate", "circular", "subclass_forward", "functional"])
 def test_cp_structure_matches_its_own_reconstruction(name: str) -> None:
@@ -151,7 +177,7 @@ def _conv_macs(n: int, cin: int, cout: int, k: tuple[int, int], oh: int, ow: int
 
 
 @pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (1, 0)])
-@pytest.mark.parametrize("ranks", [(4, 3), (10, 6), (1, 1)])
+@pytest.mark.parametrize("ranks", [(4, 3), (10, 3), (4, 6), (10, 6), (1, 1)])
 def test_macs_match_the_analytic_formula_before_and_after(stride: int, pad: int, ranks: tuple[int, int]) -> None:
     n, cin, cout, h, w, k = 2, 6, 10, 12, 9, (3, 3)
     model = Wrap(nn.Conv2d(cin, cout, k, stride=stride, padding=pad))
@@ -162,14 +188,17 @@ def test_macs_match_the_analytic_formula_before_and_after(stride: int, pad: int,
     assert before.conv_macs == _conv_macs(n, cin, cout, k, oh, ow)
     gm = convfx.compress(model, x, method="tucker", rank=ranks)
     r_out, r_in = ranks
-    want = (_conv_macs(n, cin, r_in, (1, 1), h, w) + _conv_macs(n, r_in, r_out, k, oh, ow)
-            + _conv_macs(n, r_out, cout, (1, 1), oh, ow))
+    # A 1x1 factor at full channel rank is square; it is folded into the core.
+    keep_in, keep_out = r_in < cin, r_out < cout
+    want = (keep_in * _conv_macs(n, cin, r_in, (1, 1), h, w) + _conv_macs(n, r_in, r_out, k, oh, ow)
+            + keep_out * _conv_macs(n, r_out, cout, (1, 1), oh, ow))
     after = convfx.analyze(gm, x)
     assert after.conv_macs == want
     assert sum(layer.macs for layer in after.layers) == want
+    assert len(after.layers) == 1 + keep_in + keep_out
     row = gm.convfx_report.factorized[0]
     assert (row.macs_before, row.macs_after) == (before.conv_macs, want)
-    assert row.params_after == cin * r_in + r_in * r_out * 9 + r_out * cout + cout
+    assert row.params_after == cin * r_in * keep_in + r_in * r_out * 9 + r_out * cout * keep_out + cout
 
 
 def test_cp_and_svd_macs_match_formula() -> None:
@@ -233,7 +262,7 @@ def test_shared_conv_called_twice_is_factorized_once() -> None:
 
     model = Twice().to(F64)
     x = torch.randn(1, 8, 9, 9, dtype=F64)
-    gm = convfx.compress(model, x, rank=1.0)
+    gm = convfx.compress(model, x, method="svd", rank=1.0)
     torch.testing.assert_close(gm(x), model(x))
     assert len(gm.convfx_report.factorized) == 1
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]

@@ -179,6 +179,41 @@ def test_arch_attribute_is_picked_up_and_reload_resaves(tmp_path: Path, inputs: 
     _assert_same_model(gm, serialize.load(again), inputs)
 
 
+def test_version_1_files_keep_their_unfolded_tucker_layout(tmp_path: Path, inputs: torch.Tensor) -> None:
+    """Files written before full-rank Tucker factors were folded still load, and re-save as they are."""
+    from convfx.checkpoint import atomic_save
+
+    torch.manual_seed(0)
+    model = zoo.cifar_resnet(20).eval()
+    # conv1: input factor folded (3 = C_in); layer1.0.conv1: both folded; layer2.0.conv1: none.
+    ranks = {"conv1": (8, 3), "layer1.0.conv1": (16, 16), "layer2.0.conv1": (12, 10)}
+    gm = convfx.compress(model, inputs[:1], method="tucker", rank=ranks)
+    path = serialize.save(gm, tmp_path / "v2.pt", arch="cifar_resnet20")
+    spec = torch.load(path, weights_only=True)
+    # Write what version 1 stored for the same function: the square factors as explicit identities.
+    state = dict(spec["state_dict"])
+    for fqn, (keep_in, keep_out) in {"conv1": (False, True), "layer1.0.conv1": (False, False)}.items():
+        mods = [state.pop(f"{fqn}.{i}.weight") for i in range(1 + keep_in + keep_out)]
+        bias = state.pop(f"{fqn}.{len(mods) - 1}.bias", None)
+        core = mods[0]
+        eye_in = torch.eye(core.shape[1])[:, :, None, None]
+        last = mods[1] if keep_out else torch.eye(core.shape[0])[:, :, None, None]
+        for i, w in enumerate([eye_in, core, last]):
+            state[f"{fqn}.{i}.weight"] = w
+        if bias is not None:
+            state[f"{fqn}.2.bias"] = bias
+    v1 = dict(spec, version=1, state_dict=state,
+              layers={k: {kk: vv for kk, vv in v.items() if kk != "fold_square"} for k, v in spec["layers"].items()})
+    atomic_save(v1, tmp_path / "v1.pt")
+    loaded = serialize.load(tmp_path / "v1.pt")
+    counts = {n: m.n_factors for n, m in loaded.named_modules() if isinstance(m, Factorized)}
+    assert counts == {"conv1": 3, "layer1.0.conv1": 3, "layer2.0.conv1": 3}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), gm(inputs), rtol=1e-5, atol=1e-5)
+    again = serialize.load(serialize.save(loaded, tmp_path / "again.pt"))
+    _assert_same_model(loaded, again, inputs)
+
+
 # ----------------------------------------------------------------------- training on
 def _tiny_loader(n: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(3)
