@@ -416,6 +416,7 @@ def compress(
         example_inputs: a tensor or tuple of tensors; without it an image of shape
             (1, C_in, 224, 224) is assumed from the first conv and the report says so.
         method: ``"tucker"`` (Tucker-2), ``"cp"`` or ``"svd"``. 1x1 convs always use SVD.
+            A Tucker factor at full channel rank is folded into the core (one layer less).
         rank: ``"vbmf"``, ``"energy:0.9"``, an int, a ``(r_out, r_in)`` tuple, a float in
             (0, 1] or a dict ``{fqn: any of those}``. See :mod:`passes.ranks`.
         filter_fn: ``filter_fn(module, fqn) -> bool`` selecting layers; default: every
