@@ -764,10 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     teacher_desc = ("the uncompressed model after the same fine-tuning (the baseline row)"
                     if args.teacher == "finetuned" else "the pretrained checkpoint")
-    settings = {k: v for k, v in vars(args).items() if k in ("epochs", "max_steps", "lr", "batch_size", "warmup",
-                                                             "weight_decay",
-                                                             "bn", "kd_alpha", "kd_temperature", "calib_images",
-                                                             "lite_calib", "targets", "lite_targets")}
+    settings = {k: v for k, v in vars(args).items() if k in (*RESUME_SETTINGS, "targets", "lite_targets")}
     settings["teacher_desc"] = teacher_desc
     cmd = "python " + " ".join(["benchmarks/accuracy.py", *argv])
     res = Results(cmd, machine(torch.device(args.device)), settings)

@@ -94,7 +94,7 @@ def _factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "kind": "linear" if geom.linear else "conv",
                 "geometry": geom.to_dict(),
                 # False only for a model loaded from a version-1 file (unfolded tucker layout).
-                "fold_square": bool(getattr(mod, "fold_square", True)),
+                "fold_square": mod.fold_square,
             }
     return layers
 
@@ -273,10 +273,8 @@ def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModul
                 f"layer geometry differs: file has {kinds[fqn]} {geom}, model has {site.kind} {site.geometry}",
                 where=f"{where}: {fqn}", hint="the model is a different architecture (or variant) "
                 "from the one the file was saved from")
-    for fold in (True, False):
-        group = {f: p for f, p in plans.items() if folds[f] is fold}
-        if group:
-            factorize_sites(gm, [by_fqn[f] for f in group], group, weight_fn=None, fold_square=fold)
+    factorize_sites(gm, [by_fqn[f] for f in plans], plans, weight_fn=None,
+                    unfolded={f for f, fold in folds.items() if not fold})
     return gm
 
 

@@ -68,11 +68,20 @@ def _sqrt_psd(c: Tensor) -> Tensor:
 
 def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: Tensor | None,
                      c_out: Tensor | None, multiple: int = 1, out_scale: Tensor | None = None) -> list[Candidate]:
-    """All candidate plans for one layer with their MACs and predicted error².
+    """The candidate plans for one layer with their MACs and predicted error².
 
+    The first is "keep it as it is"; the others are the plans that cost fewer MACs than it
+    (a plan at the original's cost or above, e.g. tucker at full rank folded to one conv,
+    can never beat keeping the layer, yet would be reported as a factorization).
     ``out_scale`` (per output channel: the following BN's |γ|/σ) measures errors in the
     normalized output space that the rest of the network sees.
     """
+    cands = _all_candidates(site, method, in_shape, c_in, c_out, multiple, out_scale)
+    return [cands[0]] + [c for c in cands[1:] if c.macs < cands[0].macs]
+
+
+def _all_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: Tensor | None,
+                    c_out: Tensor | None, multiple: int, out_scale: Tensor | None) -> list[Candidate]:
     g = site.geometry
     w = site.weight.detach().to(torch.float64)
     cout = g.out_channels
@@ -95,7 +104,7 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
         for r in rank_grid(full, multiple, points=max(28, min(full, 256))):  # 1-D: afford every rank
             plan = FactorPlan("svd", (r,))
             cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], float(tail[min(r, tail.numel() - 1)])))
-        return _cheaper(cands)
+        return cands
     w1 = unfold(w, 1)
     m_in = root @ w1 @ w1.T @ root if root is not None else w1 @ w1.T
     tail_in = _tail_fractions(torch.linalg.eigvalsh((m_in + m_in.T) / 2))
@@ -108,7 +117,7 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
                 plan = FactorPlan("tucker", (ro, ri))
                 cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0],
                                        float(tail_out[ro]) + float(tail_in[ri])))
-        return _cheaper(cands)
+        return cands
     kh, kw = g.kernel_size
     full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
     for r in rank_grid(full, multiple, points=max(28, min(full, 256))):
@@ -118,16 +127,7 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
         # higher ranks strictly better, so the allocation lands on its target.
         err2 = float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)]) + 1e-4 * (1 - r / full)
         cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], err2))
-    return _cheaper(cands)
-
-
-def _cheaper(cands: list[Candidate]) -> list[Candidate]:
-    """The keep-as-is candidate plus the plans that cost fewer MACs than it.
-
-    Why: a plan at the original's cost or above (e.g. tucker at full rank, folded to one
-    conv) can never beat keeping the layer, yet would be reported as a factorization.
-    """
-    return [cands[0]] + [c for c in cands[1:] if c.macs < cands[0].macs]
+    return cands
 
 
 def _top_eigvecs(m: Tensor, r: int) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 import torch.fx as fx
@@ -67,13 +67,13 @@ def _build_container(gm: fx.GraphModule, site: Site, plan: FactorPlan, weights: 
 
 
 def factorize_sites(gm: fx.GraphModule, sites: list[Site], plans: dict[str, FactorPlan],
-                    weight_fn: WeightFn | None, fold_square: bool = True) -> list[FactorizedSite]:
+                    weight_fn: WeightFn | None, unfolded: Collection[str] = ()) -> list[FactorizedSite]:
     """Swap every site that has a plan for its factor chain, then lint and recompile.
 
     ``weight_fn`` supplies the method's full factor chain (tucker: three weights; square
     factors are folded here, see :func:`passes.factors.tucker_keeps`); ``None`` leaves the
     weights at their initial values (used when loading a saved model whose weights come
-    from a state dict; ``fold_square=False`` rebuilds the layout of version-1 files).
+    from a state dict; layers named in ``unfolded`` get the layout of version-1 files).
     """
     done: list[FactorizedSite] = []
     graph = gm.graph
@@ -82,7 +82,7 @@ def factorize_sites(gm: fx.GraphModule, sites: list[Site], plans: dict[str, Fact
         if plan is None:
             continue
         weights = weight_fn(site, plan) if weight_fn is not None else None
-        container = _build_container(gm, site, plan, weights, fold_square)
+        container = _build_container(gm, site, plan, weights, site.fqn not in unfolded)
         set_submodule(gm, site.fqn, container)
         chains: list[list[fx.Node]] = []
         for node in site.nodes:

@@ -12,7 +12,7 @@ from torch import nn
 
 import convfx
 from convfx import ConvfxError
-from passes.factors import Factorized
+from passes.factors import Factorized, FactorPlan, decompose_weights
 
 torch.manual_seed(0)
 F64 = torch.float64
@@ -109,8 +109,6 @@ def test_square_tucker_factors_fold_into_the_core_without_changing_the_function(
         name: str, ranks: tuple[int | str, int | str]) -> None:
     """A full-rank Tucker factor is a square 1x1 conv: folded away, the layer computes the same
     conv with the Tucker-reconstructed kernel, with one layer (and its MACs) less per fold."""
-    from passes.factors import FactorPlan, decompose_weights
-
     model = _model(name)
     owner = model.body.conv if name == "conv_bn" else model.body
     cout, cin = owner.weight.shape[:2]

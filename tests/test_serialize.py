@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import convfx
 from convfx import serialize, zoo
+from convfx.checkpoint import atomic_save
 from convfx.train import finetune
 from passes.errors import ConvfxError
 from passes.factors import Factorized
@@ -181,8 +182,6 @@ def test_arch_attribute_is_picked_up_and_reload_resaves(tmp_path: Path, inputs: 
 
 def test_version_1_files_keep_their_unfolded_tucker_layout(tmp_path: Path, inputs: torch.Tensor) -> None:
     """Files written before full-rank Tucker factors were folded still load, and re-save as they are."""
-    from convfx.checkpoint import atomic_save
-
     torch.manual_seed(0)
     model = zoo.cifar_resnet(20).eval()
     # conv1: input factor folded (3 = C_in); layer1.0.conv1: both folded; layer2.0.conv1: none.
