@@ -20,10 +20,21 @@ CPU timings use ``time.perf_counter``; CUDA timings use CUDA events after a sync
 One sample is the mean over enough back-to-back calls to last ``--min-sample-ms``; the
 table shows the median and the interquartile range (IQR) of ``--repeats`` samples.
 
-On a shared CPU (load average above the core count) OpenMP threads that spin-wait at
-barriers can make 2-thread runs many times slower than 1-thread runs, and more so for the
-compressed models (more, smaller layers). ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE``
-before torch starts; the table records the policy and the load.
+OpenMP wait policy. With ``OMP_WAIT_POLICY=PASSIVE`` idle OpenMP threads sleep, so every
+parallel region pays a wake-up. On the 2-core dev machine that costs about 0.13 ms per conv
+call: an 8->8 1x1 conv on a 7x7 map takes 0.138 ms under PASSIVE and 0.013 ms under the
+runtime default. The cost grows with the number of ops, not with their work, so it weighs on
+factorized models (up to three convs per layer) at batch 1. For Tucker 2x under torch.compile
+at batch 1, speedup / MAC reduction went from 0.65-0.74 under PASSIVE to 0.74-0.81 under the
+default policy in the same sitting, and from 0.70-0.74 to 0.83-0.87 with ``rank_multiple=16``
+(``results/latency_cpu_compile_tucker.md``). Each CPU table records this per-call cost
+(``tiny conv call``) under its policy.
+
+The default (unset) is what torch users get, and the committed tables use it unless they say
+otherwise. ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch starts. It is for a
+shared, loaded CPU (load average above the core count), where threads that spin-wait at
+barriers fight over cores and can make 2-thread runs many times slower. The table records the
+policy and the load.
 """
 from __future__ import annotations
 
@@ -126,6 +137,24 @@ def time_calls(fn: Callable[[], Any], device: torch.device, n: int) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - t0) * 1e3 / n
+
+
+def tiny_conv_ms(threads: int) -> float:
+    """Median ms of one call of an 8->8 1x1 conv on a 7x7 map: the fixed cost every conv pays.
+
+    Why: it shows the OpenMP wake-up cost of the run's wait policy (see the module docstring).
+    """
+    conv = nn.Conv2d(8, 8, 1, bias=False).eval()
+    x = torch.randn(1, 8, 7, 7)
+    with torch.no_grad():
+        for _ in range(20):
+            conv(x)
+        samples = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            conv(x)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
 
 
 def compress_kwargs(method: str, target: float, multiple: int) -> dict[str, Any]:
@@ -339,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                          + (", freezing=True" if args.freezing else ""),
         "input": f"random {args.size}x{args.size} images; random-init torchvision weights",
     }
+    if device.type == "cpu":
+        meta["tiny conv call (8->8 1x1 on 7x7, median)"] = f"{tiny_conv_ms(args.threads):.3f} ms"
     if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
         meta["warning"] = (f"the machine was busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
                            "absolute times are inflated and noisy; compare within a row")

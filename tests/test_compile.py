@@ -5,6 +5,7 @@ backends; the one inductor (C++ codegen) test is marked slow.
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -101,9 +102,18 @@ def test_compressed_graph_compiles_without_graph_breaks(compressed: fx.GraphModu
 
 
 @pytest.mark.slow
-def test_compressed_graph_compiles_with_inductor(compressed: fx.GraphModule) -> None:
-    with torch.no_grad():
-        got = torch.compile(compressed, backend="inductor", fullgraph=True)(X)
+@pytest.mark.parametrize("cpu_recipe", [False, True], ids=["plain", "freezing-channels_last"])
+def test_compressed_graph_compiles_with_inductor(compressed: fx.GraphModule, cpu_recipe: bool) -> None:
+    """Plain inductor, and the README's CPU recipe (frozen weights, channels_last), keep the outputs."""
+    import torch._inductor.config as inductor_config
+
+    gm, x = compressed, X
+    if cpu_recipe:
+        gm = copy.deepcopy(compressed).to(memory_format=torch.channels_last)
+        x = X.contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=cpu_recipe):
+        got = torch.compile(gm, backend="inductor", fullgraph=True)(x)
         want = compressed(X)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
