@@ -190,8 +190,11 @@ def test_backend_with_eager_delegate_and_cp(model: nn.Module) -> None:
 
 
 @pytest.mark.slow
-def test_backend_delegates_to_inductor_by_default(model: nn.Module) -> None:
-    fast = torch.compile(model, backend="convfx", options={"rank": 1.0}, fullgraph=True)
+@pytest.mark.parametrize("delegate_options", [{}, {"freezing": True}], ids=["default", "freezing"])
+def test_backend_delegates_to_inductor_by_default(model: nn.Module, delegate_options: dict[str, Any]) -> None:
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="convfx", options={"rank": 1.0, "delegate_options": delegate_options},
+                         fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(fast(X), model(X), rtol=1e-4, atol=1e-4)
     assert len(cfx_backend.REPORTS[-1].factorized) == 3
