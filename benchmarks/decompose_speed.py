@@ -20,18 +20,21 @@ tensorly (``pip install tensorly==0.10.0``) is a benchmark-only dependency.
 from __future__ import annotations
 
 import os
+import sys
 
 # On a CPU shared with other jobs, OpenMP threads that spin while waiting for a
 # descheduled sibling make every small parallel op cost milliseconds (measured here:
 # a 256x256 elementwise product 0.07 ms -> 8 ms with 2 threads).  Passive waiting
-# removes that artefact for both libraries; set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# removes that artefact for both libraries; set before torch loads OpenMP.  On an idle
+# CPU, --omp-default keeps the runtime's default instead: PASSIVE costs every parallel
+# region a thread wake-up (about 0.1 ms here), which weighs on the small kernels.
+if "--omp-default" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -334,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=None)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--omp-default", action="store_true",
+                        help="keep the OpenMP runtime's default wait policy (idle CPU; default: PASSIVE)")
     parser.add_argument("--no-tensorly", action="store_true", help="time convfx only")
     parser.add_argument("--tl-iter-max", type=int, default=100, help="tensorly n_iter_max (its default: 100)")
     parser.add_argument(
@@ -393,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *machine_lines(args.threads),
                 f"- load average (1 min) at start / end: {load0[0]:.1f} / {load1[0]:.1f}; "
                 f"whole run took {total / 60:.1f} min",
-                f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (see the note in the script)",
+                f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: runtime default)')} (see the note in the script)",
                 "",
                 *([] if args.append else [*NOTES, ""]),
                 table,
