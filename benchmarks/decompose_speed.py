@@ -398,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *machine_lines(args.threads),
                 f"- load average (1 min) at start / end: {load0[0]:.1f} / {load1[0]:.1f}; "
                 f"whole run took {total / 60:.1f} min",
-                f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: runtime default)')} (see the note in the script)",
+                f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: runtime default)')} "
+                "(see the note in the script)",
                 "",
                 *([] if args.append else [*NOTES, ""]),
                 table,

@@ -139,22 +139,17 @@ def time_calls(fn: Callable[[], Any], device: torch.device, n: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
-def tiny_conv_ms(threads: int) -> float:
+def tiny_conv_ms() -> float:
     """Median ms of one call of an 8->8 1x1 conv on a 7x7 map: the fixed cost every conv pays.
 
     Why: it shows the OpenMP wake-up cost of the run's wait policy (see the module docstring).
     """
     conv = nn.Conv2d(8, 8, 1, bias=False).eval()
     x = torch.randn(1, 8, 7, 7)
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        for _ in range(20):
-            conv(x)
-        samples = []
-        for _ in range(200):
-            t0 = time.perf_counter()
-            conv(x)
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        time_calls(lambda: conv(x), cpu, 20)  # warm-up
+        return statistics.median(time_calls(lambda: conv(x), cpu, 1) for _ in range(200))
 
 
 def compress_kwargs(method: str, target: float, multiple: int) -> dict[str, Any]:
@@ -369,10 +364,10 @@ def main(argv: list[str] | None = None) -> None:
         "input": f"random {args.size}x{args.size} images; random-init torchvision weights",
     }
     if device.type == "cpu":
-        meta["tiny conv call (8->8 1x1 on 7x7, median)"] = f"{tiny_conv_ms(args.threads):.3f} ms"
-    if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
-        meta["warning"] = (f"the machine was busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
-                           "absolute times are inflated and noisy; compare within a row")
+        meta["tiny conv call (8->8 1x1 on 7x7, median)"] = f"{tiny_conv_ms():.3f} ms"
+        if os.getloadavg()[0] > (os.cpu_count() or 1):
+            meta["warning"] = (f"the machine was busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
+                               "absolute times are inflated and noisy; compare within a row")
     print("\n".join(f"{k}: {v}" for k, v in meta.items()), flush=True)
     t0 = time.perf_counter()
     rows, notes = run(args)
