@@ -43,7 +43,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -80,9 +80,11 @@ __all__ = [
     "DistInfo",
     "StepInfo",
     "cleanup_distributed",
+    "default_feature_layers",
     "distillation_loss",
     "distributed_info",
     "evaluate",
+    "feature_distillation_loss",
     "finetune",
     "init_distributed",
     "param_groups",
@@ -339,6 +341,72 @@ def distillation_loss(
     )
     ce = F.cross_entropy(student_logits, targets)
     return alpha * t * t * kd + (1.0 - alpha) * ce
+
+
+def feature_distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of ``||s - t||^2 / ||t||^2``: each layer's relative output error.
+
+    Relative, so that a layer's weight does not depend on its activation scale (a BN
+    output with large gamma would otherwise dominate).  The teacher side carries no grad.
+    """
+    if len(student) != len(teacher) or not student:
+        raise ConvfxError(f"feature distillation got {len(student)} student and {len(teacher)} teacher "
+                          "outputs; a hooked module ran a different number of times", where="finetune")
+    terms = [
+        (s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
+        for s, t in zip(student, teacher)
+    ]
+    return torch.stack(terms).mean()
+
+
+def default_feature_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Names of the BatchNorm modules present in both models: the points feature distillation matches.
+
+    Why BN outputs: a factorized conv keeps its BN and its output shape, the BN is a leaf
+    module in an fx graph too (blocks are inlined there, so block-level hooks would never
+    fire), and it sits at every conv's output.
+    """
+    t_names = {n for n, m in teacher.named_modules() if isinstance(m, _BatchNorm)}
+    return [n for n, m in _unwrap(student).named_modules() if isinstance(m, _BatchNorm) and n in t_names]
+
+
+class _FeatureTap:
+    """Forward hooks that collect the outputs of the same named modules in student and teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: list[str]) -> None:
+        self.names = names
+        self.out: dict[str, list[torch.Tensor]] = {"s": [], "t": []}
+        self.active = False  # only the training forward passes record (not eval or BN passes)
+        self.handles = []
+        for side, model in (("s", _unwrap(student)), ("t", teacher)):
+            for name in names:
+                try:
+                    mod = model.get_submodule(name)
+                except AttributeError as exc:
+                    who = "student" if side == "s" else "teacher"
+                    raise ConvfxError(f"feature_layers names {name!r}, which the {who} does not have",
+                                      where="finetune") from exc
+                self.handles.append(mod.register_forward_hook(self._hook(side)))
+
+    def _hook(self, side: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
+            if self.active:
+                self.out[side].append(output)
+        return hook
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        s, t = self.out["s"], self.out["t"]
+        self.out = {"s": [], "t": []}
+        for name, a, b in zip(self.names, s, t):
+            if a.shape != b.shape:
+                raise ConvfxError(f"feature layer {name!r}: student output {tuple(a.shape)} vs teacher "
+                                  f"{tuple(b.shape)}", where="finetune",
+                                  hint="name layers whose outputs keep their shape after compression")
+        return s, t
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -722,6 +790,17 @@ class _Run:
         self.teacher: nn.Module | None = args["teacher"]
         if self.teacher is not None:
             self.teacher.to(self.device)
+        self.tap: _FeatureTap | None = None
+        self.feature_layers: list[str] = []
+        if args["feature_kd"] > 0:
+            assert self.teacher is not None  # checked in _check_args
+            names = args["feature_layers"]
+            self.feature_layers = (default_feature_layers(model, self.teacher) if names is None
+                                   else list(names))
+            if not self.feature_layers:
+                raise ConvfxError("feature_kd > 0 but there are no feature layers to match (the default "
+                                  "is every BatchNorm both models share)", where="finetune",
+                                  hint="pass feature_layers=[module names]")
 
         self.steps_per_epoch = DeterministicBatchSampler.steps_per_epoch(
             self.num_samples, self.batch_size, self.world, self.drop_last, args["max_steps_per_epoch"]
@@ -759,6 +838,7 @@ class _Run:
             "weight_decay": args["weight_decay"], "nesterov": args["nesterov"],
             "schedule": args["schedule"], "warmup_steps": args["warmup_steps"],
             "distill": [args["kd_alpha"], args["kd_temperature"]] if self.teacher is not None else None,
+            "feature_kd": [args["feature_kd"], self.feature_layers] if args["feature_kd"] > 0 else None,
             "bn_recalibrate": args["bn_recalibrate"], "seed": args["seed"],
             "max_steps_per_epoch": args["max_steps_per_epoch"], "batch_size": self.batch_size,
             "shuffle": self.shuffle, "drop_last": self.drop_last, "num_samples": self.num_samples,
@@ -777,6 +857,8 @@ class _Run:
         self.resumed_from: int | None = None
         self.stop_requested = False
         self.last_saved_step: int | None = None
+        if self.feature_layers:  # last: nothing below may raise and leave hooks behind
+            self.tap = _FeatureTap(model, self.teacher, self.feature_layers)
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -909,12 +991,21 @@ class _Run:
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.train_model(x)
-        if self.teacher is None:
-            return F.cross_entropy(out, y)
-        with torch.no_grad():
-            t_out = self.teacher(x)
-        return distillation_loss(out, t_out, y, alpha=self.a["kd_alpha"], temperature=self.a["kd_temperature"])
+        if self.tap is not None:
+            self.tap.active = True
+        try:
+            out = self.train_model(x)
+            if self.teacher is None:
+                return F.cross_entropy(out, y)
+            with torch.no_grad():
+                t_out = self.teacher(x)
+        finally:
+            if self.tap is not None:
+                self.tap.active = False
+        loss = distillation_loss(out, t_out, y, alpha=self.a["kd_alpha"], temperature=self.a["kd_temperature"])
+        if self.tap is not None:
+            loss = loss + self.a["feature_kd"] * feature_distillation_loss(*self.tap.take())
+        return loss
 
     def run(self) -> None:
         a = self.a
@@ -1051,6 +1142,8 @@ def finetune(
     teacher: nn.Module | None = None,
     kd_alpha: float = 0.9,
     kd_temperature: float = 4.0,
+    feature_kd: float = 0.0,
+    feature_layers: Sequence[str] | None = None,
     bn_recalibrate: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 500,
@@ -1071,6 +1164,10 @@ def finetune(
       one-cycle: the rising phase).  Stepped after every optimizer step.
     * ``teacher``: distil from it (eval mode, no grad, moved to the student's device)
       with :func:`distillation_loss`.
+    * ``feature_kd``: with a teacher, add ``feature_kd`` times
+      :func:`feature_distillation_loss` over the outputs of ``feature_layers`` (module
+      names both models share; default: every shared BatchNorm), so that each compressed
+      layer is pulled back towards the teacher's activations, not only the logits.
     * ``bn_recalibrate``: re-estimate BN statistics from that many batches first
       (:func:`recalibrate_bn`; skipped when resuming).
     * ``checkpoint_dir``: write ``last.pt`` atomically every ``checkpoint_every`` global
@@ -1089,13 +1186,15 @@ def finetune(
     or None, "stopped_early": bool, "checkpoint": path or None}``.
     """
     _check_args(epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, kd_alpha=kd_alpha,
-                kd_temperature=kd_temperature, bn_recalibrate=bn_recalibrate,
+                kd_temperature=kd_temperature, feature_kd=feature_kd, has_teacher=teacher is not None,
+                bn_recalibrate=bn_recalibrate,
                 checkpoint_every=checkpoint_every, max_steps_per_epoch=max_steps_per_epoch,
                 nesterov=nesterov, momentum=momentum, weight_decay=weight_decay)
     args = dict(
         epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
         schedule=schedule, warmup_steps=warmup_steps, teacher=teacher, kd_alpha=kd_alpha,
-        kd_temperature=kd_temperature, bn_recalibrate=bn_recalibrate, checkpoint_dir=checkpoint_dir,
+        kd_temperature=kd_temperature, feature_kd=feature_kd, feature_layers=feature_layers,
+        bn_recalibrate=bn_recalibrate, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, seed=seed,
         max_steps_per_epoch=max_steps_per_epoch, progress=progress, log_every=log_every,
         device=device, callback=callback, dist_timeout_s=dist_timeout_s,
@@ -1132,6 +1231,8 @@ def finetune(
                 ) from exc
         raise
     finally:
+        if run.tap is not None:
+            run.tap.close()
         _restore_modes(modes)
     return {
         "history": run.history,
@@ -1158,6 +1259,11 @@ def _check_args(**kw: Any) -> None:
         raise bad(f"kd_alpha must be in [0, 1], got {kw['kd_alpha']!r}")
     if not kw["kd_temperature"] > 0:
         raise bad(f"kd_temperature must be positive, got {kw['kd_temperature']!r}")
+    if not (isinstance(kw["feature_kd"], (int, float)) and math.isfinite(kw["feature_kd"])
+            and kw["feature_kd"] >= 0):
+        raise bad(f"feature_kd must be a finite number >= 0, got {kw['feature_kd']!r}")
+    if kw["feature_kd"] > 0 and not kw["has_teacher"]:
+        raise bad("feature_kd > 0 needs a teacher to match")
     if kw["bn_recalibrate"] < 0:
         raise bad("bn_recalibrate must be >= 0")
     if kw["checkpoint_every"] < 0:

@@ -17,8 +17,10 @@ from convfx.train import (
     CHECKPOINT_NAME,
     DeterministicBatchSampler,
     StepInfo,
+    default_feature_layers,
     distillation_loss,
     evaluate,
+    feature_distillation_loss,
     finetune,
     param_groups,
     recalibrate_bn,
@@ -274,6 +276,69 @@ def test_distillation_with_alpha_zero_is_plain_training() -> None:
     finetune(plain, train, epochs=1, lr=0.05, progress=False)
     finetune(distilled, train, epochs=1, lr=0.05, teacher=toy.make_model(seed=3), kd_alpha=0.0, progress=False)
     assert _equal_states(plain.state_dict(), distilled.state_dict())
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_feature_distillation_loss_formula(scale: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 8, 3, 3, generator=g)]
+    s = [scale * t[0], t[1] + 1.0]
+    expected = ((scale - 1.0) ** 2 + float(t[1].numel() / t[1].pow(2).sum())) / 2
+    assert float(feature_distillation_loss(s, t)) == pytest.approx(expected, rel=1e-5)
+    assert float(feature_distillation_loss(t, t)) == 0.0
+
+
+def _bn_error(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    """Mean relative error of every shared BN output (both models in eval mode)."""
+    outs: dict[str, list[torch.Tensor]] = {"s": [], "t": []}
+    handles = [m.register_forward_hook(lambda _m, _i, o, k=k: outs[k].append(o))
+               for k, model in (("s", student), ("t", teacher)) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d)]
+    student.eval()
+    teacher.eval()
+    with torch.no_grad():
+        student(x)
+        teacher(x)
+    for h in handles:
+        h.remove()
+    return float(feature_distillation_loss(outs["s"], outs["t"]))
+
+
+@pytest.mark.parametrize("fx_student", [False, True])
+def test_feature_distillation_pulls_activations_to_the_teacher(fx_student: bool) -> None:
+    train, _ = toy.make_loaders(n_train=128)
+    teacher = toy.make_model(seed=5)
+    student: nn.Module = toy.make_model(seed=6)
+    if fx_student:
+        student = fx.symbolic_trace(student)
+    x = train.dataset[:64][0]
+    names = default_feature_layers(student, teacher)
+    assert names == [n for n, m in teacher.named_modules() if isinstance(m, nn.BatchNorm2d)] and names
+    plain, pulled = copy.deepcopy(student), copy.deepcopy(student)
+    before = _bn_error(student, teacher, x)
+    common = dict(epochs=4, lr=0.05, teacher=teacher, kd_alpha=0.0, progress=False)
+    finetune(plain, train, **common)
+    out = finetune(pulled, train, feature_kd=5.0, **common)
+    assert _bn_error(pulled, teacher, x) < 0.5 * min(before, _bn_error(plain, teacher, x))
+    assert out["history"][-1]["train_loss"] > 0
+    for model in (pulled, teacher):  # the hooks are gone afterwards
+        assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"feature_kd": -1.0}, {"feature_kd": float("nan")}, {"feature_kd": 1.0, "teacher": None},
+     {"feature_kd": 1.0, "feature_layers": ["features.99"]}, {"feature_kd": 1.0, "feature_layers": []},
+     {"feature_kd": 1.0, "feature_layers": ["features.1", "fc.weight"]}],
+)
+def test_feature_distillation_rejects_bad_arguments(bad: dict) -> None:
+    train, _ = toy.make_loaders(n_train=32)
+    args: dict = dict(epochs=1, lr=0.1, progress=False, teacher=toy.make_model(seed=1))
+    args.update(bad)
+    with pytest.raises(ConvfxError) as err:
+        finetune(toy.make_model(), train, **args)
+    if bad.get("feature_layers"):
+        assert repr(bad["feature_layers"][-1]) in str(err.value)
 
 
 class _Interrupt(Exception):
