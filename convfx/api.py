@@ -20,7 +20,7 @@ from torch import nn
 from passes.convs import Site, SkippedLayer, find_sites, set_submodule
 from passes.errors import ConvfxError
 from passes.allocate import Candidate, allocate, layer_candidates, predicted_kernel, probe_points
-from passes.calibrate import (Frontier, bn_output_scale, channel_stats, collect_moments, fit_factors,
+from passes.calibrate import (SHRINK, Frontier, bn_output_scale, channel_stats, collect_moments, fit_factors,
                               noise_sensitivity, output_discrepancy, probe_sensitivity)
 from passes.decompose import relative_error
 from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, max_ranks, original_cost
@@ -288,7 +288,7 @@ def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], c
 
 def _best_allocation(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site],
                      allocations: list[tuple[str, dict[str, FactorPlan | str]]], batches: list[tuple[Any, ...]],
-                     progress: bool) -> tuple[dict[str, FactorPlan | str], dict[str, float], dict[str, float],
+                     progress: bool, shrink: float) -> tuple[dict[str, FactorPlan | str], dict[str, float], dict[str, float],
                                           dict[str, list[torch.Tensor]], str]:
     """Fit every allocation on a copy of ``gm``; keep the one closest to ``ref`` on the calibration data.
 
@@ -305,7 +305,7 @@ def _best_allocation(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site],
         out_errors: dict[str, float] = {}
         fitted: dict[str, list[torch.Tensor]] = {}
         to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
-        _fit_sequentially(trial, ref, sites_t, to_do, batches, errors, out_errors, fitted, progress)
+        _fit_sequentially(trial, ref, sites_t, to_do, batches, errors, out_errors, fitted, progress, shrink)
         trials.append((_discrepancy(trial, batches, targets), label, plans, errors, out_errors, fitted))
         del trial
     _, label, plans, errors, out_errors, fitted = min(trials, key=lambda t: t[0])
@@ -353,7 +353,7 @@ def _first_images(batches: list[tuple[Any, ...]], n: int) -> tuple[Any, ...]:
 
 def _fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], plans: dict[str, FactorPlan],
                       batches: list[tuple[Any, ...]], errors: dict[str, float], out_errors: dict[str, float],
-                      fitted: dict[str, list[torch.Tensor]], progress: bool) -> list[Any]:
+                      fitted: dict[str, list[torch.Tensor]], progress: bool, shrink: float) -> list[Any]:
     """Fit and rewrite one layer at a time, each on the inputs of the compressed prefix.
 
     Fills ``errors``/``out_errors`` (weight and output errors) and ``fitted`` (factor
@@ -383,7 +383,7 @@ def _fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site]
             if plan.method == "cp":
                 cp_init, _ = decompose_weights(site.weight, site.bias, site.geometry, plan)
             ws, w_hat, out_err = fit_factors(site.weight, site.geometry, plan.method, plan.ranks, st, cp_init,
-                                             out_scale=bn_output_scale(gm, site.nodes[0]))
+                                             out_scale=bn_output_scale(gm, site.nodes[0]), shrink=shrink)
             errors[site.fqn] = relative_error(site.weight, w_hat)
             out_errors[site.fqn] = out_err
             fitted[site.fqn] = ws
@@ -403,6 +403,7 @@ def compress(
     flops_target: float | None = None,
     rank_multiple: int = 1,
     calibration_batches: int | None = None,
+    calibration_shrink: float = SHRINK,
     progress: bool = True,
 ) -> fx.GraphModule:
     """Replace the convolutions of ``model`` by low-rank factorizations.
@@ -433,6 +434,10 @@ def compress(
         rank_multiple: round automatic, fractional and allocated ranks up to a multiple of
             this (8 or 16 help real kernels); explicit integer ranks are kept as given.
         calibration_batches: use at most this many calibration batches.
+        calibration_shrink: pull the data fit towards the weight-space fit, as if
+            ``calibration_shrink`` x (the calibration energy) of isotropic inputs were added
+            (:meth:`passes.calibrate.MomentStats.shrunk`). A few hundred images otherwise
+            over-fit the directions they barely excite. 0 is the pure data fit.
         progress: show a progress bar while fitting layers.
 
     Example:
@@ -452,6 +457,9 @@ def compress(
             raise ValueError("rank: pass either rank or flops_target, not both (flops_target allocates ranks)")
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple: expected a positive int, got {rank_multiple!r}")
+    if isinstance(calibration_shrink, bool) or not isinstance(calibration_shrink, (int, float)) \
+            or not math.isfinite(calibration_shrink) or calibration_shrink < 0:
+        raise ValueError(f"calibration_shrink: expected a finite number >= 0, got {calibration_shrink!r}")
     t0 = time.perf_counter()
     inputs, assumptions = _resolve_inputs(model, example_inputs)
     batches = _calibration_batches(calibration, model, calibration_batches)
@@ -499,13 +507,14 @@ def compress(
     alloc_note: str | None = None
     if batches and ref is not None and len(allocations) > 1:
         plans, errors, out_errors, fitted, alloc_note = _best_allocation(gm, ref, chosen, allocations, batches,
-                                                                         progress)
+                                                                         progress, calibration_shrink)
     _mark_plans(chosen, plans)
     to_do = {fqn: p for fqn, p in plans.items() if isinstance(p, FactorPlan)}
     if alloc_note is not None:  # the kept allocation's fitted factors go into this graph
         done = factorize_sites(gm, chosen, to_do, lambda site, _plan: fitted[site.fqn])
     elif batches and ref is not None:
-        done = _fit_sequentially(gm, ref, chosen, to_do, batches, errors, out_errors, {}, progress)
+        done = _fit_sequentially(gm, ref, chosen, to_do, batches, errors, out_errors, {}, progress,
+                                 calibration_shrink)
     else:
         def weights(site: Site, plan: FactorPlan) -> list[torch.Tensor]:
             ws, err = decompose_weights(site.weight, site.bias, site.geometry, plan)

@@ -838,11 +838,12 @@ class _Run:
             "weight_decay": args["weight_decay"], "nesterov": args["nesterov"],
             "schedule": args["schedule"], "warmup_steps": args["warmup_steps"],
             "distill": [args["kd_alpha"], args["kd_temperature"]] if self.teacher is not None else None,
-            "feature_kd": [args["feature_kd"], self.feature_layers] if args["feature_kd"] > 0 else None,
             "bn_recalibrate": args["bn_recalibrate"], "seed": args["seed"],
             "max_steps_per_epoch": args["max_steps_per_epoch"], "batch_size": self.batch_size,
             "shuffle": self.shuffle, "drop_last": self.drop_last, "num_samples": self.num_samples,
         }
+        if args["feature_kd"] > 0:  # only then: checkpoints of runs without it keep their fingerprint
+            self.config["feature_kd"] = [args["feature_kd"], self.feature_layers]
         self.fingerprint = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
         ckpt_dir = args["checkpoint_dir"]
         self.ckpt_path: Path | None = Path(ckpt_dir) / CHECKPOINT_NAME if ckpt_dir is not None else None

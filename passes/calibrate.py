@@ -17,6 +17,10 @@ Fits:
   unfolding, and the core (then the output factor) are refitted by least squares.
 * ``cp`` — data-free CP-ALS for the first three factors, then a least-squares refit of
   the last 1x1 conv on the data.
+
+Every fit sees the moments shrunk towards the weight-space fit (:meth:`MomentStats.shrunk`,
+``SHRINK``): a few hundred images leave many input directions barely excited, and an
+unregularised solve puts large weights there that do not generalise.
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ __all__ = [
 ]
 
 _RIDGE = 1e-8
+#: Default strength of :meth:`MomentStats.shrunk` in :func:`fit_factors`. Measured on
+#: EfficientNet-Lite0 at 1.3x with 300 calibration images: top-1 74.9 (0), 76.6 (0.01),
+#: 76.3 (0.1), 74.4 (1.0); CIFAR ResNet-56 at 2x with 1000 images: 81.75 / 81.71 / 81.69 (0.03).
+SHRINK = 0.01
 
 
 def _explicit_padding(geom: ConvGeometry) -> tuple[int, int, int, int]:
@@ -125,6 +133,23 @@ class MomentStats:
         self.c_oc += p_o.T @ p_c
         self.c_oo += p_o.T @ p_o
         self.rows += p_o.shape[0]
+
+    def shrunk(self, rho: float) -> MomentStats:
+        """These moments plus ``λ I`` in all three, ``λ = rho · mean(diag C_cc)``.
+
+        Why: that is what ``λ`` virtual isotropic input rows with ``x_o = x_c`` would add,
+        rows on which the fit must reproduce ``W x`` exactly. Directions the calibration
+        images barely excite then keep the original weights instead of whatever the
+        least-squares solve puts there: a few hundred images otherwise over-fit
+        (EfficientNet-Lite0's data-aware 1x1 factors drifted to 7x the original weight
+        norm). ``rho → 0`` is the pure data fit, ``rho → ∞`` the weight-space fit.
+        """
+        out = MomentStats(self.dim, self.device)
+        lam = rho * float(torch.diagonal(self.c_cc).mean().clamp_min(0.0))
+        eye = lam * torch.eye(self.dim, dtype=torch.float64, device=self.device)
+        out.c_cc, out.c_oc, out.c_oo = self.c_cc + eye, self.c_oc + eye, self.c_oo + eye
+        out.rows = self.rows
+        return out
 
 
 @dataclass
@@ -274,7 +299,8 @@ def _cp_last_refit(w4: Tensor, st: MomentStats, first: Tensor, vert: Tensor, hor
 
 def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[int, ...],
                 st: MomentStats, cp_init: list[Tensor] | None = None,
-                out_scale: Tensor | None = None) -> tuple[list[Tensor], Tensor, float]:
+                out_scale: Tensor | None = None, shrink: float | None = None
+                ) -> tuple[list[Tensor], Tensor, float]:
     """Data-aware factor weights for one layer.
 
     ``out_scale`` (per output channel, e.g. :func:`bn_output_scale`) weights the output
@@ -283,6 +309,10 @@ def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[in
     Returns ``(weights per factor, Ŵ as a full kernel, relative output error)``. ``cp_init``
     carries data-free CP factors when ``method == "cp"``.
     """
+    raw = st
+    rho = SHRINK if shrink is None else shrink
+    if rho > 0:
+        st = st.shrunk(rho)
     w = weight.detach().to(torch.float64)
     cout = w.shape[0]
     d = (out_scale.to(w.device, torch.float64) if out_scale is not None
@@ -305,7 +335,7 @@ def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[in
         out = [first, vert, horiz, last]
         w_hat = torch.einsum("rc,rh,rw,or->ochw", first[:, :, 0, 0], vert[:, 0, :, 0], horiz[:, 0, 0, :],
                              last[:, :, 0, 0])
-    err = output_error(w.reshape(cout, -1), w_hat.reshape(cout, -1), st)
+    err = output_error(w.reshape(cout, -1), w_hat.reshape(cout, -1), raw)  # on the real rows only
     return [t.to(weight.dtype).contiguous() for t in out], w_hat.to(weight.dtype), err
 
 

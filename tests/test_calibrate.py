@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import convfx
 from convfx.zoo import cifar_resnet
 from passes.allocate import Candidate, allocate, layer_candidates, predicted_kernel
-from passes.calibrate import SuffixWalk, noise_sensitivity, output_discrepancy, probe_sensitivity
-from passes.convs import find_sites
+from passes.calibrate import (MomentStats, SuffixWalk, fit_factors, noise_sensitivity, output_discrepancy,
+                              output_error, probe_sensitivity)
+from passes.convs import ConvGeometry, find_sites
 from passes.factors import FactorPlan
 from passes.trace import trace
 
@@ -132,6 +133,27 @@ def test_flops_target_with_calibration_and_rank_multiple() -> None:
 def test_flops_target_validation(bad: object) -> None:
     with pytest.raises(ValueError, match="flops_target"):
         convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), flops_target=bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_calibration_shrink_validation(bad: object) -> None:
+    with pytest.raises(ValueError, match="calibration_shrink"):
+        convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), calibration_shrink=bad)
+
+
+@pytest.mark.parametrize("method,rank,tol", [("tucker", (6, 4), 0.02), ("svd", 5, 1e-3)])
+def test_calibration_shrink_moves_the_fit_between_data_and_weights(method: str, rank: object, tol: float) -> None:
+    """0: the pure data fit (lowest error on the calibration images); very large: a weight-space
+    fit (for SVD the data-free one; Tucker's alternating refit lands within a few percent)."""
+    model = _two_convs()
+    calib = _correlated_images(64, 16, 8, rank=4, seed=1)
+    x = calib[:1]
+    free = convfx.compress(model, x, method=method, rank=rank)
+    fits = {rho: convfx.compress(model, x, method=method, rank=rank, calibration=[calib[:32], calib[32:]],
+                                 calibration_shrink=rho) for rho in (0.0, 0.01, 1e9)}
+    err = {rho: _rel_out_err(model, gm, calib) for rho, gm in fits.items()}
+    assert err[0.0] <= err[0.01] < _rel_out_err(model, free, calib)
+    assert err[1e9] == pytest.approx(_rel_out_err(model, free, calib), rel=tol)
 
 
 def test_flops_target_unreachable_and_exclusive_with_rank() -> None:
@@ -364,3 +386,49 @@ def test_flops_target_with_calibration_inplace_puts_the_kept_factors_into_the_mo
     with torch.no_grad():
         torch.testing.assert_close(gm(x), copy_out(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(x), gm(x), rtol=1e-5, atol=1e-5)  # the model now holds the factors
+
+
+def _stats(x_o: torch.Tensor, x_c: torch.Tensor) -> MomentStats:
+    st = MomentStats(x_o.shape[1], x_o.device)
+    st.add(x_o, x_c)
+    return st
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_strong_shrinkage_gives_the_weight_space_fit(method: str) -> None:
+    """rho -> inf: the virtual isotropic rows dominate and the fit is the data-free one."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 10, 1, 1, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 10, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 10, dtype=torch.float64)
+    geom = ConvGeometry(10, 12)
+    ranks = (4,) if method == "svd" else (4, 10)
+    _, w_hat, _ = fit_factors(w, geom, method, ranks, _stats(x, x), shrink=1e9)
+    u, s, vh = torch.linalg.svd(w[:, :, 0, 0])
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    assert torch.allclose(w_hat[:, :, 0, 0], best, atol=1e-6)
+    _, w_data, _ = fit_factors(w, geom, method, ranks, _stats(x, x), shrink=0.0)
+    assert float((w_data[:, :, 0, 0] - best).norm()) > 1e-3  # the data fit is a different one
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shrinkage_generalises_from_few_calibration_rows(seed: int) -> None:
+    """Targets from the original model, inputs from a compressed prefix that adds error, and
+    barely more rows than features: the pure data fit over-fits its rows; shrinkage costs a
+    little error on them and gives less on fresh rows from the same distribution."""
+    g = torch.Generator().manual_seed(seed)
+    d, cout, r = 48, 48, 12
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    w = torch.randn(cout, d, 1, 1, generator=g, dtype=torch.float64)
+
+    def rows(n: int) -> MomentStats:
+        x_o = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix.T
+        x_c = x_o + 0.3 * x_o.std(0) * torch.randn(n, d, generator=g, dtype=torch.float64)
+        return _stats(x_o, x_c)
+
+    st_calib, st_fresh = rows(80), rows(4000)
+    errs = {}
+    for rho in (0.0, 0.05):
+        _, w_hat, in_sample = fit_factors(w, ConvGeometry(d, cout), "svd", (r,), st_calib, shrink=rho)
+        errs[rho] = (in_sample, output_error(w[:, :, 0, 0], w_hat[:, :, 0, 0], st_fresh))
+    assert errs[0.05][0] >= errs[0.0][0] - 1e-12  # the data fit is optimal on its own rows
+    assert errs[0.05][1] < 0.95 * errs[0.0][1]  # ... but not on fresh ones

@@ -370,6 +370,7 @@ VARIANTS = {
     "cosine": {},
     "onecycle+teacher": {"schedule": "onecycle", "teacher_seed": 9},
     "fx-graphmodule": {"fx_model": True},
+    "fx+feature-kd": {"fx_model": True, "teacher_seed": 4, "feature_kd": 2.0},
 }
 _REFERENCES: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
 
