@@ -19,7 +19,9 @@ Recipes (``--recipes``; all: SGD nesterov, cosine, 20 warm-up steps, wd 5e-4, 5 
 
 The first model runs every recipe; later models run ``ref`` and the ``--carry-best``
 recipes with the smallest gap on the first model. With ``--jobs N`` up to N fine-tunes
-run at once in separate processes (a GPU is far from busy with one CIFAR ResNet).
+run at once in separate processes (a GPU is far from busy with one CIFAR ResNet). Give
+each enough loader workers: on a 16-core H200 host, 8 jobs with one worker each were
+loader-bound (about 180 s per fine-tune against 25 s for one job with 12 workers).
 
     python benchmarks/ft_recipes.py --shared-data ../shared/data --device cuda --jobs 5 --tag cuda
 

@@ -377,16 +377,16 @@ class _FeatureTap:
         self.names = names
         self.out: dict[str, list[torch.Tensor]] = {"s": [], "t": []}
         self.active = False  # only the training forward passes record (not eval or BN passes)
-        self.handles = []
+        found: list[tuple[str, nn.Module]] = []  # all resolved before any hook goes in
         for side, model in (("s", _unwrap(student)), ("t", teacher)):
             for name in names:
                 try:
-                    mod = model.get_submodule(name)
+                    found.append((side, model.get_submodule(name)))
                 except AttributeError as exc:
                     who = "student" if side == "s" else "teacher"
                     raise ConvfxError(f"feature_layers names {name!r}, which the {who} does not have",
                                       where="finetune") from exc
-                self.handles.append(mod.register_forward_hook(self._hook(side)))
+        self.handles = [mod.register_forward_hook(self._hook(side)) for side, mod in found]
 
     def _hook(self, side: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inp: Any, output: Any) -> None:

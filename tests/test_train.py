@@ -335,8 +335,10 @@ def test_feature_distillation_rejects_bad_arguments(bad: dict) -> None:
     train, _ = toy.make_loaders(n_train=32)
     args: dict = dict(epochs=1, lr=0.1, progress=False, teacher=toy.make_model(seed=1))
     args.update(bad)
+    student = toy.make_model()
     with pytest.raises(ConvfxError) as err:
-        finetune(toy.make_model(), train, **args)
+        finetune(student, train, **args)
+    assert all(not m._forward_hooks for m in student.modules())  # nothing left behind
     if bad.get("feature_layers"):
         assert repr(bad["feature_layers"][-1]) in str(err.value)
 
