@@ -52,7 +52,7 @@ from convfx.checkpoint import atomic_save, load_checkpoint
 from convfx.train import recalibrate_bn
 
 # accuracy.py sits beside this script (the script's folder is on sys.path when it runs)
-from accuracy import CIFAR_MODELS, ImageTensors, conv_macs, decode_cifar, machine  # isort: skip
+from accuracy import CIFAR_MODELS, ImageTensors, conv_macs, decode_cifar, fmt, machine  # isort: skip
 
 __all__ = ["RECIPES", "Recipe", "main"]
 
@@ -85,9 +85,12 @@ RECIPES: dict[str, Recipe] = {
 CKPT = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
 
 
-def _data(shared: Path, name: str) -> tuple[ImageTensors, ImageTensors, ImageTensors]:
-    original = zoo.cifar_resnet(CIFAR_MODELS[name])
-    norm = zoo.normalization_of(original)
+def _original(shared: Path, name: str) -> torch.nn.Module:
+    depth = CIFAR_MODELS[name]
+    return zoo.cifar_resnet(depth, checkpoint=shared / "cifar10-resnet" / CKPT[depth]).eval()
+
+
+def _data(shared: Path, norm: zoo.Normalization) -> tuple[ImageTensors, ImageTensors, ImageTensors]:
     tr_x, tr_y = decode_cifar(shared / "cifar10-jpeg" / "train.zip", "train")
     te_x, te_y = decode_cifar(shared / "cifar10-jpeg" / "test.zip", "test")
     return (ImageTensors(tr_x, tr_y, norm, augment=True), ImageTensors(tr_x, tr_y, norm),
@@ -102,8 +105,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger("convfx").setLevel(logging.WARNING)
     device = torch.device(spec["device"])
     shared, name, r = Path(spec["shared"]), spec["model"], Recipe(**spec["recipe"])
-    train, _, test = _data(shared, name)
-    original = zoo.cifar_resnet(CIFAR_MODELS[name], checkpoint=shared / "cifar10-resnet" / CKPT[CIFAR_MODELS[name]])
+    original = _original(shared, name)
+    train, _, test = _data(shared, zoo.normalization_of(original))
     if spec["student"] is None:
         model: torch.nn.Module = original
         teacher = None
@@ -160,10 +163,9 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
             if r.model != name:
                 continue
             s = r.settings
-            f = (lambda v: "–" if v is None else f"{v:.2f}")
             out.append(f"| {r.recipe} | {s['lr']:g} | {s['batch_size']} | {s['kd_alpha']:g} | {s['kd_temperature']:g}"
-                       f" | {s['feature_kd']:g} | {f(r.baseline_top1)} | {f(r.top1)} | "
-                       f"{'–' if r.gap is None else f'{r.gap:+.2f}'} | {f(r.ft_s)} |")
+                       f" | {s['feature_kd']:g} | {fmt(r.baseline_top1)} | {fmt(r.top1)} | "
+                       f"{'–' if r.gap is None else f'{r.gap:+.2f}'} | {fmt(r.ft_s)} |")
         out.append("")
     out += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(out) + "\n"
@@ -226,10 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 first = sorted((r for r in rows if r.model == models[0] and r.recipe != "ref"
                                 and r.gap is not None), key=lambda r: -r.gap)  # type: ignore[operator]
                 names = ["ref", *[r.recipe for r in first[:a.carry_best]]]
-            depth = CIFAR_MODELS[name]
-            original = zoo.cifar_resnet(depth, checkpoint=a.shared_data / "cifar10-resnet" / CKPT[depth]).eval()
-            original = original.to(device)
-            _, plain, test = _data(a.shared_data, name)
+            original = _original(a.shared_data, name).to(device)
+            _, plain, test = _data(a.shared_data, zoo.normalization_of(original))
             idx = torch.randperm(len(plain), generator=torch.Generator().manual_seed(0))[:a.calib_images]
             calib = [x for x, _ in plain.batches(100, device, idx)]
             example = torch.zeros(1, 3, 32, 32, device=device)

@@ -299,8 +299,7 @@ def _cp_last_refit(w4: Tensor, st: MomentStats, first: Tensor, vert: Tensor, hor
 
 def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[int, ...],
                 st: MomentStats, cp_init: list[Tensor] | None = None,
-                out_scale: Tensor | None = None, shrink: float | None = None
-                ) -> tuple[list[Tensor], Tensor, float]:
+                out_scale: Tensor | None = None, shrink: float = SHRINK) -> tuple[list[Tensor], Tensor, float]:
     """Data-aware factor weights for one layer.
 
     ``out_scale`` (per output channel, e.g. :func:`bn_output_scale`) weights the output
@@ -310,9 +309,8 @@ def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[in
     carries data-free CP factors when ``method == "cp"``.
     """
     raw = st
-    rho = SHRINK if shrink is None else shrink
-    if rho > 0:
-        st = st.shrunk(rho)
+    if shrink > 0:
+        st = st.shrunk(shrink)
     w = weight.detach().to(torch.float64)
     cout = w.shape[0]
     d = (out_scale.to(w.device, torch.float64) if out_scale is not None
