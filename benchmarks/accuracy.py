@@ -11,6 +11,8 @@ One script, one machine, every method at the same conv-MAC reductions:
   teacher (default: the uncompressed model after the same fine-tuning budget, i.e. the
   baseline row; ``--teacher original`` distils from the pretrained checkpoint).
   ``--methods convfx+KD`` without ``convfx`` fine-tunes only the distilled variant.
+  ``convfx-cp`` and ``convfx-auto`` (each also ``+KD``) use ``compress(method="cp")`` or
+  ``method="auto"`` (tucker or cp chosen per layer) instead of Tucker-2.
 * **pruning**: Torch-Pruning's L1-magnitude structured channel pruning (the peer a user
   would pick), its ratio bisected to the same conv-MAC target. On the CIFAR ResNets only
   the inner channels of each block are pruned (``conv1``, ``linear`` and every block's
@@ -80,12 +82,27 @@ log = logging.getLogger("accuracy")
 
 CIFAR_MODELS = {"resnet20": 20, "resnet56": 56}
 METHODS = ("seed", "convfx", "convfx+KD", "pruning")
+#: convfx with another structure than Tucker-2 (``compress(method=...)``): convfx-cp, convfx-auto(+KD).
+STRUCTURES = ("cp", "auto")
+ALL_METHODS = METHODS + tuple(f"convfx-{s}{kd}" for s in STRUCTURES for kd in ("", "+KD"))
 LABELS = {
     "seed": "seed: Tucker-2, data-free (uniform ranks; VBMF point)",
     "convfx": "convfx: data-aware Tucker-2 + flops_target",
     "convfx+KD": "convfx + distillation",
     "pruning": "Torch-Pruning (L1 magnitude, channels)",
+    "convfx-cp": "convfx: data-aware CP + flops_target",
+    "convfx-cp+KD": "convfx CP + distillation",
+    "convfx-auto": "convfx: method=auto (tucker or cp per layer) + flops_target",
+    "convfx-auto+KD": "convfx auto + distillation",
 }
+
+
+def structure(method: str) -> str | None:
+    """The ``compress(method=)`` of a convfx row (convfx-cp+KD -> cp), None for other methods."""
+    base = method.removesuffix("+KD")
+    if base == "convfx":
+        return "tucker"
+    return base.removeprefix("convfx-") if base.startswith("convfx-") else None
 
 
 # ----------------------------------------------------------------------------- data
@@ -289,7 +306,7 @@ def markdown(res: Results) -> str:
         f"convfx+KD distils (alpha {s['kd_alpha']}, T {s['kd_temperature']}) from: {s['teacher_desc']}.",
         "",
     ]
-    order = {m: i for i, m in enumerate(("original", "baseline", *METHODS))}
+    order = {m: i for i, m in enumerate(("original", "baseline", *ALL_METHODS))}
     for model in dict.fromkeys(r.model for r in res.rows):
         rows = sorted((r for r in res.rows if r.model == model),
                       key=lambda r: (order.get(r.method, 99), r.target or math.inf))
@@ -326,15 +343,19 @@ def plot(res: Results, path: Path) -> None:
     fig = Figure(figsize=(5.2 * len(models), 4.0 * len(panels) + 0.8), dpi=130)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), len(models), squeeze=False)
-    colors = {"seed": "tab:gray", "convfx": "tab:blue", "convfx+KD": "tab:green", "pruning": "tab:red"}
-    markers = {"seed": "s", "convfx": "o", "convfx+KD": "D", "pruning": "v"}
+    colors = {"seed": "tab:gray", "convfx": "tab:blue", "convfx+KD": "tab:green", "pruning": "tab:red",
+              "convfx-cp": "tab:cyan", "convfx-cp+KD": "tab:olive", "convfx-auto": "tab:purple",
+              "convfx-auto+KD": "tab:brown"}
+    markers = {"seed": "s", "convfx": "o", "convfx+KD": "D", "pruning": "v", "convfx-cp": "^", "convfx-cp+KD": "<",
+               "convfx-auto": "P", "convfx-auto+KD": "X"}
     handles: dict[str, Any] = {}
     for row, (attr, what) in enumerate(panels):
         for col, model in enumerate(models):
             ax = axes[row][col]
             rows = [r for r in res.rows if r.model == model]
-            for method in METHODS:
-                if method == "convfx+KD" and attr == "top1_calib" and any(r.method == "convfx" for r in rows):
+            for method in ALL_METHODS:
+                base = method.removesuffix("+KD")
+                if method != base and attr == "top1_calib" and any(r.method == base for r in rows):
                     continue  # the same model as convfx before fine-tuning
                 xy = sorted((r.conv_macs / 1e6, getattr(r, attr)) for r in rows
                             if r.method == method and getattr(r, attr) is not None)
@@ -452,8 +473,8 @@ class Bench:
                                                             progress=False),
                                   example, target_macs, 0.02, 1.0, increasing=True)
                 note = f"uniform rank fraction {p:.3f}"
-            elif method == "convfx":
-                model = convfx.compress(original, example, method="tucker", flops_target=1 / target,
+            elif structure(method) is not None:
+                model = convfx.compress(original, example, method=structure(method), flops_target=1 / target,
                                         calibration=calib, progress=False)
                 kept = [n.rsplit("kept ", 1)[1] for n in model.convfx_report.notes if "; kept " in n]
                 note = f"allocation: {kept[0]} sensitivities" if kept else ""
@@ -522,7 +543,7 @@ class Bench:
         if a.epochs > 0:
             baseline = copy.deepcopy(original)
             cached = self.baseline_cache(name)
-            needs_teacher = "convfx+KD" in a.methods and a.teacher == "finetuned"
+            needs_teacher = any(m.endswith("+KD") for m in a.methods) and a.teacher == "finetuned"
             if self.have(name, "baseline", None) and cached.exists():
                 baseline.load_state_dict(load_checkpoint(cached)["state_dict"])
                 log.info("%s baseline: fine-tuned weights of the resumed run from %s", name, cached)
@@ -543,11 +564,11 @@ class Bench:
         ignored = cifar_ignored
         # convfx+KD fine-tunes the compressed model of the convfx row ("--methods convfx+KD" alone skips the
         # cross-entropy fine-tuning but still compresses)
-        to_compress = list(dict.fromkeys("convfx" if m == "convfx+KD" else m for m in a.methods))
+        to_compress = list(dict.fromkeys(m.removesuffix("+KD") for m in a.methods))
         for target in a.targets:
             for method in to_compress:
-                labels = [m for m in (("convfx", "convfx+KD") if method == "convfx" else (method,))
-                          if m in a.methods and (a.epochs > 0 or m != "convfx+KD")]
+                labels = [m for m in ((method, method + "+KD") if structure(method) else (method,))
+                          if m in a.methods and (a.epochs > 0 or not m.endswith("+KD"))]
                 if all(self.have(name, m, target) for m in labels):
                     log.info("%s %s at %sx: measured in the resumed run", name, method, target)
                     continue
@@ -563,7 +584,7 @@ class Bench:
                 for label in labels:
                     if self.have(name, label, target):
                         continue
-                    teach = teacher if label == "convfx+KD" else None
+                    teach = teacher if label.endswith("+KD") else None
                     row = replace(first, method=label, epochs=a.epochs)
                     if a.epochs > 0 and not self.over_budget():
                         ev_ft, ft_s = finetune(copy.deepcopy(model), teach)
@@ -616,8 +637,8 @@ class Bench:
         self.flush()
         for target in a.lite_targets:
             for method in a.methods:
-                if method == "convfx+KD" or self.have(name, method, target):
-                    continue  # convfx+KD: no fine-tuning here, it would be the convfx row
+                if method.endswith("+KD") or self.have(name, method, target):
+                    continue  # +KD: no fine-tuning here, it would be the convfx row
                 done = self.point(name, method, target, original, example, base_macs, calib, lite_ignored,
                                   test_batches)
                 if done is not None:
@@ -638,7 +659,7 @@ def merge(paths: list[Path]) -> Results:
     for i, d in enumerate(loaded):
         res.base_macs.update(d["base_macs"])
         for r in d["rows"]:
-            if r["method"] == "convfx+KD" and r["top1_ft"] is None:
+            if r["method"].endswith("+KD") and r["top1_ft"] is None:
                 continue  # before fine-tuning it is the convfx row
             row = Row(**r)
             rows[row_key(row)] = row
@@ -728,8 +749,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if m not in (*CIFAR_MODELS, "efficientnet_lite0"):
             ap.error(f"--models: unknown model {m!r}")
     for m in args.methods:
-        if m not in METHODS:
-            ap.error(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
+        if m not in ALL_METHODS:
+            ap.error(f"--methods: unknown method {m!r} (choose from {', '.join(ALL_METHODS)})")
     if any(t < 1 for t in args.targets + args.lite_targets):
         ap.error("--targets/--lite-targets: reductions must be >= 1")
     return args

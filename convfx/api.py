@@ -19,7 +19,7 @@ from torch import nn
 
 from passes.convs import Site, SkippedLayer, find_sites, set_submodule
 from passes.errors import ConvfxError
-from passes.allocate import Candidate, allocate, layer_candidates, predicted_kernel, probe_points
+from passes.allocate import AUTO_METHODS, Candidate, allocate, layer_candidates, predicted_kernel, probe_points
 from passes.calibrate import (SHRINK, Frontier, bn_output_scale, channel_stats, collect_moments, fit_factors,
                               noise_sensitivity, output_discrepancy, probe_sensitivity)
 from passes.decompose import relative_error
@@ -95,9 +95,12 @@ def _count_params(model: nn.Module) -> int:
     return total
 
 
-def _validate(method: str, rank: RankSpec, filter_fn: Any) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+def _validate(method: str, rank: RankSpec, filter_fn: Any, flops_target: Any = None) -> None:
+    if method not in (*METHODS, "auto"):
+        raise ValueError(f"method: expected one of {(*METHODS, 'auto')}, got {method!r}")
+    if method == "auto" and flops_target is None:
+        raise ValueError("method: 'auto' chooses each layer's structure inside the flops_target allocation; "
+                         "pass flops_target=... or one of " + ", ".join(METHODS))
     validate_rank_spec(rank)
     if filter_fn is not None and not callable(filter_fn):
         raise ValueError(f"filter_fn: expected a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
@@ -221,6 +224,8 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
     :func:`passes.calibrate.noise_sensitivity`, and the layer's own truncations,
     :func:`passes.calibrate.probe_sensitivity`); neither predicts well on every network,
     so ``compress`` fits both and keeps the one that reproduces the original best.
+    ``method="auto"`` allocates over tucker and cp candidates on one curve and, because
+    the cp prediction is optimistic, also over tucker alone; all are fitted the same way.
     """
     stats = {}
     scales = {s.fqn: bn_output_scale(gm, s.nodes[0]) if len(s.nodes) == 1 else None for s in sites}
@@ -228,7 +233,8 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
         node_to_site = {n.name: s.fqn for s in sites for n in s.nodes if skip_reason(s.geometry) is None}
         with eval_mode(ref):
             stats = channel_stats(ref, node_to_site, batches)
-    curves: dict[str, list[Candidate]] = {}
+    families = {"": method} if method != "auto" else {"+".join(AUTO_METHODS) + " ": "auto", "tucker ": "tucker"}
+    curves_by: dict[str, dict[str, list[Candidate]]] = {fam: {} for fam in families}
     fixed = conv_before
     plans: dict[str, FactorPlan | str] = {}
     for site in sites:
@@ -244,31 +250,38 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
         in_shape = tuple(site.nodes[0].meta["convfx_in_shape"])
         n_calls = len(site.nodes)
         st = stats.get(site.fqn)
-        cands = layer_candidates(site, layer_method(site.geometry, method), in_shape,
-                                 st.c_in if st else None, st.c_out if st else None, multiple, scales[site.fqn])
-        curves[site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2) for c in cands]
+        for fam, m in families.items():
+            cands = layer_candidates(site, layer_method(site.geometry, m), in_shape,
+                                     st.c_in if st else None, st.c_out if st else None, multiple, scales[site.fqn])
+            curves_by[fam][site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2) for c in cands]
         fixed -= cands[0].macs * n_calls
     budget = int(math.floor(target * conv_before))
-    models: dict[str, dict[str, float]] = {"spectra": {}}
-    if stats and ref is not None:
-        models = _sensitivities(gm, ref, sites, curves, stats, scales, batches, progress)
+    noise: dict[str, float] | None = None
     out: list[tuple[str, dict[str, FactorPlan | str]]] = []
-    for label, sens in models.items():
-        weighted = {fqn: [Candidate(c.plan, c.macs, c.err2 * sens.get(fqn, 1.0)) for c in cands]
-                    for fqn, cands in curves.items()}
-        chosen = allocate(weighted, budget, fixed)
-        result = dict(plans)
-        for fqn, cand in chosen.items():
-            result[fqn] = cand.plan if cand.plan is not None else "flops_target allocation kept it at full cost"
-        if all(result != other for _, other in out):
-            out.append((label, result))
+    for fam, curves in curves_by.items():
+        models: dict[str, dict[str, float]] = {"spectra": {}}
+        if stats and ref is not None:
+            models = _sensitivities(gm, ref, sites, curves, stats, scales, batches, progress, noise)
+            noise = models["noise"]
+        for label, sens in models.items():
+            weighted = {fqn: [Candidate(c.plan, c.macs, c.err2 * sens.get(fqn, 1.0)) for c in cands]
+                        for fqn, cands in curves.items()}
+            chosen = allocate(weighted, budget, fixed)
+            result = dict(plans)
+            for fqn, cand in chosen.items():
+                result[fqn] = cand.plan if cand.plan is not None else "flops_target allocation kept it at full cost"
+            if all(result != other for _, other in out):
+                out.append((fam + label, result))
     return out
 
 
 def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], curves: dict[str, list[Candidate]],
                    stats: dict[str, Any], scales: dict[str, torch.Tensor | None], batches: list[tuple[Any, ...]],
-                   progress: bool) -> dict[str, dict[str, float]]:
-    """Per-layer sensitivity under each model, measured on the first calibration images."""
+                   progress: bool, noise: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Per-layer sensitivity under each model, measured on the first calibration images.
+
+    ``noise`` passes in a noise sensitivity already measured (it does not depend on the curves).
+    """
     from tqdm.auto import tqdm
 
     def bar(what: str) -> Callable[[Any], Any]:
@@ -282,7 +295,9 @@ def _sensitivities(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], c
                     for c in probe_points(cands) if c.plan is not None]
               for fqn, cands in curves.items() if fqn in stats}
     with eval_mode(gm), eval_mode(ref):
-        return {"noise": noise_sensitivity(ref, node_to_site, sample, scales, wrap=bar("sensitivity (noise)")),
+        if noise is None:
+            noise = noise_sensitivity(ref, node_to_site, sample, scales, wrap=bar("sensitivity (noise)"))
+        return {"noise": noise,
                 "probe": probe_sensitivity(gm, probes, sample, node_to_site, wrap=bar("sensitivity (probes)"))}
 
 
@@ -418,6 +433,9 @@ def compress(
             (1, C_in, 224, 224) is assumed from the first conv and the report says so.
         method: ``"tucker"`` (Tucker-2), ``"cp"`` or ``"svd"``. 1x1 convs always use SVD.
             A Tucker factor at full channel rank is folded into the core (one layer less).
+            ``"auto"`` (with ``flops_target``) lets the allocation pick tucker or cp per layer
+            (:data:`passes.allocate.AUTO_METHODS`); with calibration the tucker-only allocation
+            is fitted too and kept when it reproduces the original better.
         rank: ``"vbmf"``, ``"energy:0.9"``, an int, a ``(r_out, r_in)`` tuple, a float in
             (0, 1] or a dict ``{fqn: any of those}``. See :mod:`passes.ranks`.
         filter_fn: ``filter_fn(module, fqn) -> bool`` selecting layers; default: every
@@ -448,7 +466,7 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-    _validate(method, rank, filter_fn)
+    _validate(method, rank, filter_fn, flops_target)
     if flops_target is not None:
         if isinstance(flops_target, bool) or not isinstance(flops_target, (int, float)) \
                 or not 0.0 < float(flops_target) <= 1.0:
@@ -562,6 +580,9 @@ def compress(
         report.notes.append(f"factors fitted on {len(batches)} calibration batch(es), {n_img} input(s)")
         if alloc_note is not None:
             report.notes.append(alloc_note)
+    if method == "auto" and not batches:
+        report.notes.append("method=auto without calibration: each layer's structure was chosen from predicted "
+                            "errors alone, and the cp prediction is a lower bound; calibration checks it")
     if traced.leaf_fallbacks:
         report.notes.extend(f"{k!r} kept as an untraced leaf: {v}" for k, v in traced.leaf_fallbacks.items())
     gm.convfx_report = report  # type: ignore[assignment]

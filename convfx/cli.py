@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=True)
     _model_args(p, shown="resnet50; with -m: the architecture recorded in the file")
     g = p.add_argument_group("decomposition")
-    g.add_argument("-d", "--decomp", choices=("cp", "tucker", "svd"), default="cp",
-                   help="decomposition (default: %(default)s; 1x1 convs always use SVD)")
+    g.add_argument("-d", "--decomp", choices=("cp", "tucker", "svd", "auto"), default="cp",
+                   help="decomposition (default: %(default)s; 1x1 convs always use SVD; auto: tucker or cp "
+                        "per layer, with --flops-target)")
     g.add_argument("--rank", type=parse_rank, default="vbmf",
                    help="vbmf (default), energy:F, an int, a float in (0, 1] (fraction of channels), or r_out,r_in")
     g.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
@@ -221,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "per-layer report. MACs are counted for --input-shape.")
     _model_args(p, arch_default="resnet50")
     p.add_argument("-s", "--state-dict", metavar="PATH", default=None, help="weights to load before decomposing")
-    p.add_argument("-d", "--method", choices=("tucker", "cp", "svd"), default="tucker",
-                   help="decomposition (default: %(default)s)")
+    p.add_argument("-d", "--method", choices=("tucker", "cp", "svd", "auto"), default="tucker",
+                   help="decomposition (default: %(default)s; auto: tucker or cp per layer, with --flops-target)")
     p.add_argument("--rank", type=parse_rank, default="vbmf", help="vbmf (default), energy:F, int, float or r_out,r_in")
     p.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
                    help="allocate ranks so that conv MACs are at most F x the original's (replaces --rank)")
@@ -263,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "architecture (random or given weights, no data) and print the report without saving.")
     p.add_argument("file", nargs="?", metavar="MODEL", help="a model saved by convfx")
     _model_args(p, arch_default=None)
-    p.add_argument("-d", "--method", choices=("tucker", "cp", "svd"), default="tucker",
-                   help="decomposition for --arch (default: %(default)s)")
+    p.add_argument("-d", "--method", choices=("tucker", "cp", "svd", "auto"), default="tucker",
+                   help="decomposition for --arch (default: %(default)s; auto needs --flops-target)")
     p.add_argument("--rank", type=parse_rank, default="vbmf", help="rank rule for --arch (default: vbmf)")
     p.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
                    help="for --arch: conv MACs at most F x the original's (replaces --rank)")

@@ -11,11 +11,19 @@ Predicted errors come from spectra, weighted by data when there is any:
 * tucker (r_out, r_in): tail energy of the output covariance beyond r_out plus tail energy
   of the input-covariance-whitened mode-1 unfolding beyond r_in (relative);
 * svd (r): tail energy of the whitened weight matrix beyond r;
-* cp (R): the tucker error at ranks (min(R, C_out), min(R, C_in)) — a lower bound, since a
-  rank-R CP has multilinear ranks ≤ R; CP layers are therefore allocated optimistically
-  (plus a tiny term decreasing in R, so that ranks beyond the channel counts still rank).
+* cp (R): the tucker error at ranks (min(R, C_out), min(R, C_in)) plus the tail beyond R of
+  the kernel's (C_out·k_h)×(C_in·k_w) matricization (the worse of it and its transpose in
+  space) — each of them is a lower bound, since every matricization of a rank-R CP has
+  rank ≤ R; CP layers are still allocated optimistically (plus a tiny term decreasing in
+  R, so that ranks beyond the channel counts still rank).
 
 Without data the input covariance is the identity and the output covariance W Wᵀ.
+
+``method="auto"`` puts the tucker and cp candidates of a k×k layer on one curve
+(:data:`AUTO_METHODS`), so the allocation picks each layer's structure as well as its rank.
+At equal MACs a CP layer keeps a far higher rank than a Tucker-2 one (its spatial part
+is two depthwise convs), which wins on narrow layers; the cp prediction is optimistic,
+so callers with data should also fit the plain tucker allocation and keep the better.
 """
 from __future__ import annotations
 
@@ -30,7 +38,11 @@ from .convs import Site
 from .decompose import unfold
 from .factors import FactorPlan, factor_cost, original_cost
 
-__all__ = ["Candidate", "layer_candidates", "allocate", "rank_grid", "predicted_kernel", "probe_points"]
+__all__ = ["AUTO_METHODS", "Candidate", "layer_candidates", "allocate", "rank_grid", "predicted_kernel", "probe_points"]
+
+
+#: The structures ``method="auto"`` chooses between for a k×k conv (1x1 convs always use svd).
+AUTO_METHODS = ("tucker", "cp")
 
 
 @dataclass(frozen=True)
@@ -74,9 +86,13 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
     (a plan at the original's cost or above, e.g. tucker at full rank folded to one conv,
     can never beat keeping the layer, yet would be reported as a factorization).
     ``out_scale`` (per output channel: the following BN's |γ|/σ) measures errors in the
-    normalized output space that the rest of the network sees.
+    normalized output space that the rest of the network sees. ``method="auto"`` gives
+    the candidates of every structure in :data:`AUTO_METHODS` on one curve.
     """
-    cands = _all_candidates(site, method, in_shape, c_in, c_out, multiple, out_scale)
+    cands: list[Candidate] = []
+    for m in (AUTO_METHODS if method == "auto" else (method,)):
+        more = _all_candidates(site, m, in_shape, c_in, c_out, multiple, out_scale)
+        cands += more if not cands else more[1:]
     return [cands[0]] + [c for c in cands[1:] if c.macs < cands[0].macs]
 
 
@@ -120,14 +136,34 @@ def _all_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: Te
         return cands
     kh, kw = g.kernel_size
     full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
+    tail_mix = _mixed_tails(w, root)
     for r in rank_grid(full, multiple, points=max(28, min(full, 256))):
         plan = FactorPlan("cp", (r,))
-        # The bound is 0 once R reaches both channel counts, which would make every higher
-        # rank look free and leave the budget unspent; a tiny rank-decreasing term keeps
-        # higher ranks strictly better, so the allocation lands on its target.
-        err2 = float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)]) + 1e-4 * (1 - r / full)
+        # The channel terms are 0 once R reaches both channel counts; the mixed
+        # matricizations (rank <= R too) still charge the separable spatial part. A tiny
+        # rank-decreasing term keeps higher ranks strictly better, so the allocation lands
+        # on its target.
+        err2 = (float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)])
+                + float(tail_mix[min(r, tail_mix.numel() - 1)]) + 1e-4 * (1 - r / full))
         cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], err2))
     return cands
+
+
+def _mixed_tails(w: Tensor, root: Tensor | None) -> Tensor:
+    """Tail fractions of the (C_out·k_h)×(C_in·k_w) and (C_out·k_w)×(C_in·k_h) matricizations (the larger).
+
+    Why: every matricization of a rank-R CP kernel has rank <= R, and these two are the
+    ones that see its rank-1 spatial kernels; the channel unfoldings alone call a 3x3
+    kernel exact at R = C, which a rank-C CP seldom is. Input-whitened like the others.
+    """
+    wt = torch.einsum("oihw,ij->ojhw", w, root) if root is not None else w
+    co, ci, kh, kw = wt.shape
+    tails = []
+    for m in (wt.permute(0, 2, 1, 3).reshape(co * kh, ci * kw), wt.permute(0, 3, 1, 2).reshape(co * kw, ci * kh)):
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        tails.append(_tail_fractions(torch.linalg.eigvalsh((gram + gram.T) / 2)))
+    n = min(t.numel() for t in tails)
+    return torch.maximum(tails[0][:n], tails[1][:n])
 
 
 def _top_eigvecs(m: Tensor, r: int) -> Tensor:

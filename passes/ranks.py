@@ -87,9 +87,13 @@ def is_automatic(value: Any) -> bool:
 
 
 def layer_method(geom: ConvGeometry, method: str) -> str:
-    """The structure a layer gets: pointwise convs and Linears always use SVD."""
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    """The structure a layer gets: pointwise convs and Linears always use SVD.
+
+    ``"auto"`` (chosen per layer by the ``flops_target`` allocation) stays ``"auto"`` for
+    k×k convs.
+    """
+    if method not in (*METHODS, "auto"):
+        raise ValueError(f"method: expected one of {(*METHODS, 'auto')}, got {method!r}")
     return "svd" if geom.is_pointwise else method
 
 

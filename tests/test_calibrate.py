@@ -96,7 +96,7 @@ def test_generator_and_dataloader_give_the_same_result() -> None:
 @pytest.mark.parametrize("name,target,method", [
     ("cifar_resnet20", 0.5, "tucker"), ("cifar_resnet20", 0.33, "tucker"), ("resnet18", 0.5, "tucker"),
     ("vgg_small", 0.5, "tucker"), ("vgg_small", 0.33, "tucker"), ("cifar_resnet20", 0.4, "cp"),
-    ("vgg_small", 0.5, "svd")])
+    ("vgg_small", 0.5, "svd"), ("cifar_resnet20", 0.4, "auto"), ("resnet18", 0.5, "auto")])
 def test_flops_target_lands_within_tolerance(name: str, target: float, method: str) -> None:
     torch.manual_seed(0)
     if name == "cifar_resnet20":
@@ -432,3 +432,59 @@ def test_shrinkage_generalises_from_few_calibration_rows(seed: int) -> None:
         errs[rho] = (in_sample, output_error(w[:, :, 0, 0], w_hat[:, :, 0, 0], st_fresh))
     assert errs[0.05][0] >= errs[0.0][0] - 1e-12  # the data fit is optimal on its own rows
     assert errs[0.05][1] < 0.95 * errs[0.0][1]  # ... but not on fresh ones
+
+
+def _cp_kernel(cout: int, cin: int, k: int, rank: int, seed: int) -> torch.Tensor:
+    """An exact rank-``rank`` CP kernel: Σ_r a_r ⊗ b_r ⊗ c_r ⊗ d_r."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(cout, rank, generator=g), torch.randn(cin, rank, generator=g)
+    c, d = torch.randn(k, rank, generator=g), torch.randn(k, rank, generator=g)
+    return torch.einsum("or,ir,hr,wr->oihw", a, b, c, d) / rank
+
+
+def test_auto_picks_cp_where_a_layer_is_cp_low_rank() -> None:
+    """Ground truth: a rank-4 CP kernel costs 4·(32+3+3+32) MACs/pixel as CP and 32·4+9·16+4·32 as
+    exact Tucker-2, so at a budget between the two only cp can be exact."""
+    conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(_cp_kernel(32, 32, 3, 4, seed=0))
+    model = nn.Sequential(conv).eval()
+    x = torch.randn(2, 32, 12, 12, generator=torch.Generator().manual_seed(1))
+    cp_macs, tucker_macs = 4 * (32 + 3 + 3 + 32), 32 * 4 + 9 * 16 + 4 * 32
+    target = (cp_macs + tucker_macs) / 2 / (32 * 32 * 9)
+    gm = convfx.compress(model, x[:1], method="auto", flops_target=target, progress=False)
+    (row,) = gm.convfx_report.factorized
+    assert row.method == "cp" and row.ranks[0] >= 4, row
+    assert row.macs_after <= target * row.macs_before
+    assert _rel_out_err(model, gm, x) < 1e-2
+    tucker = convfx.compress(model, x[:1], method="tucker", flops_target=target, progress=False)
+    assert _rel_out_err(model, tucker, x) > 10 * _rel_out_err(model, gm, x)
+
+
+def test_auto_with_calibration_is_never_further_from_the_original_than_tucker() -> None:
+    """auto fits the tucker-only allocations too (the same ones method="tucker" fits) and keeps
+    the closest, so its calibration discrepancy is at most tucker's."""
+    model = cifar_resnet(20, checkpoint=None).eval()
+    calib = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        y0 = [model(x) for x in calib]
+
+    def discrepancy(gm: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(output_discrepancy(gm(x), y) for x, y in zip(calib, y0)) / len(calib)
+
+    auto = convfx.compress(model, calib[0][:1], method="auto", flops_target=0.4, calibration=calib, progress=False)
+    tucker = convfx.compress(model, calib[0][:1], method="tucker", flops_target=0.4, calibration=calib,
+                             progress=False)
+    note = next(n for n in auto.convfx_report.notes if n.startswith("flops_target: allocations fitted"))
+    assert "tucker+cp noise sensitivities" in note and "tucker noise sensitivities" in note, note
+    assert discrepancy(auto) <= discrepancy(tucker) * (1 + 1e-6)
+    assert auto.convfx_report.conv_macs_after <= 0.4 * auto.convfx_report.conv_macs_before
+    assert {r.method for r in auto.convfx_report.factorized} <= {"tucker", "cp", "svd"}
+
+
+def test_auto_needs_flops_target() -> None:
+    with pytest.raises(ValueError, match="method: 'auto'.*flops_target"):
+        convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), method="auto")
+    with pytest.raises(ValueError, match="method: expected one of"):
+        convfx.compress(_two_convs(), torch.randn(1, 16, 8, 8), method="Tucker")

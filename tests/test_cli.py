@@ -163,6 +163,10 @@ def test_report_of_an_architecture_without_data(capsys: pytest.CaptureFixture[st
     assert main(["report", "--arch", "cifar_resnet20", "--flops-target", "0.5", "--json", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["conv_macs_after"] <= 0.5 * report["conv_macs_before"]
+    assert main(["report", "--arch", "cifar_resnet20", "-d", "auto", "--flops-target", "0.5", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["conv_macs_after"] <= 0.5 * report["conv_macs_before"]
+    assert {row["method"] for row in report["layers"] if row["ranks"]} <= {"tucker", "cp"}
 
 
 def test_finetune_subcommand(full_run: tuple[Path, str], data_root: Path, tmp_path: Path) -> None:
@@ -200,6 +204,7 @@ def test_bad_flags_give_usage_and_exit_2(argv: list[str], capsys: pytest.Capture
     (["compress", "--arch", "cifar_resnet20", "--weights", "{tmp}/nope.pth"], "not found"),
     (["report", "{tmp}/garbage.pt", "--arch", "resnet18"], "either a saved MODEL"),
     (["report", "--arch", "cifar_resnet20", "--rank", "4", "--flops-target", "0.5"], "not both"),
+    (["compress", "--arch", "cifar_resnet20", "-d", "auto"], "'auto' chooses each layer's structure"),
     (["decomp", "-p", "{data}", "--arch", "cifar_resnet20", "--dataset", "imagefolder-classlist"],
      "needs --class-list"),
 ])

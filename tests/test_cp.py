@@ -206,6 +206,23 @@ def test_beats_reference_on_a_conv_like_weight(rank: int) -> None:
     assert ours <= reference_als(w, rank, n_iter=100) + 1e-9
 
 
+def _cancellation(res: CPResult) -> float:
+    """Sum of the component norms over the norm of their sum: >> sqrt(R) means components cancel."""
+    return float(res.weights.abs().sum() / res.reconstruct().norm())
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_damping_keeps_lossy_fits_from_degenerating(seed: int) -> None:
+    """Undamped ALS on a lossy rank-20 fit of a 16x16x3x3 kernel drifts into cancelling
+    components (30-230x the kernel's norm); damping keeps them below 10x for about the
+    same error."""
+    w = torch.randn(16, 16, 3, 3, generator=_gen(seed), dtype=torch.float64)
+    plain, damped = cp_als(w, 20, damping=0), cp_als(w, 20)
+    assert _cancellation(plain) > 30
+    assert _cancellation(damped) < 10
+    assert damped.rel_error < plain.rel_error * 1.02
+
+
 # --------------------------------------------------------------------------- (c) conv factors
 
 
@@ -295,7 +312,8 @@ def test_non_finite_tensor_raises_convfx_error(bad: float) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"init": "hosvd"}, "init"), ({"n_iter_max": -1}, "n_iter_max"), ({"tol": -1.0}, "tol")],
+    [({"init": "hosvd"}, "init"), ({"n_iter_max": -1}, "n_iter_max"), ({"tol": -1.0}, "tol"),
+     ({"damping": -0.1}, "damping"), ({"damping": 1.0}, "damping"), ({"damping": True}, "damping")],
 )
 def test_bad_options_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
