@@ -277,11 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
-        "demo", help="compress the bundled CIFAR-10 ResNet-20 and plot accuracy vs MACs (offline, ~1-2 min)",
+        "demo", help="compress the bundled CIFAR-10 ResNet-20 and plot accuracy vs MACs (offline, ~2-3 min)",
         description="Runs on a fresh clone without data or network: loads the bundled pretrained CIFAR-10 "
                     "ResNet-20 and 2000 test / 500 calibration images, compresses it with Tucker-2 at several "
                     "conv-MAC budgets (factors fitted on the calibration images, then BatchNorm statistics "
-                    "re-estimated on them; one budget also data-free for comparison), prints the reports and "
+                    "re-estimated on them; one budget also data-free, and the smallest also with method=auto, tucker or "
+                    "cp per layer), prints the reports and "
                     "writes the compressed model and an accuracy-vs-MACs plot to --out.")
     p.add_argument("--out", default="convfx-demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="fewer settings and 500 test images (~4x faster)")

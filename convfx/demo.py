@@ -1,10 +1,10 @@
-"""``convfx demo``: the whole idea in about a minute, offline, on a laptop CPU.
+"""``convfx demo``: the whole idea in a few minutes, offline, on a laptop CPU.
 
 Why: a fresh clone should show what convfx does without datasets, downloads or a
 GPU. Everything comes from the package: the pretrained CIFAR-10 ResNet-20
 (:func:`convfx.zoo.demo_model`) and 2000 test / 500 calibration JPEGs
 (:func:`convfx.data.demo_data`). The demo compresses the network with Tucker-2 at
-several conv-MAC budgets, fitting the factors once from the weights alone and once
+several conv-MAC budgets (and with ``method="auto"`` at the smallest), fitting the factors once from the weights alone and once
 to the layer outputs on the calibration images, re-estimates BatchNorm statistics
 on those images (the factorized layers shift the activations every BN normalizes),
 evaluates each model, prints the per-layer report and a totals table, saves the main
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DemoRow", "DemoResult", "TARGETS", "FAST_TARGETS", "MAIN_TARGET", "choose_threads", "run_demo"]
+__all__ = ["DemoRow", "DemoResult", "TARGETS", "FAST_TARGETS", "MAIN_TARGET", "AUTO_TARGET", "choose_threads",
+           "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ TARGETS: tuple[float, ...] = (0.75, 0.5, 0.35)
 FAST_TARGETS: tuple[float, ...] = (0.5,)
 #: The budget that is also fitted data-free (for comparison), reported layer by layer and saved.
 MAIN_TARGET = 0.5
+#: The budget at which ``method="auto"`` (tucker or cp per layer) is shown next to Tucker-2 (not with ``fast``).
+AUTO_TARGET = 0.35
 
 _PLOT_NAME = "demo_accuracy_vs_macs.png"
 _MODEL_NAME = "demo_resnet20_tucker.pt"
@@ -56,6 +59,7 @@ class DemoRow:
     top5: float
     top1_raw: float | None = None
     seconds: float = 0.0
+    method: str = "tucker"  # "tucker" | "auto" | "-" (the original)
 
 
 @dataclass
@@ -114,8 +118,9 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
     For each conv-MAC budget in :data:`TARGETS`, Tucker-2 ranks are allocated by
     ``compress(flops_target=...)`` and the factors are fitted to reproduce each layer's
     outputs on the calibration images (for :data:`MAIN_TARGET` also from the weights
-    alone, for comparison); BN statistics are then re-estimated on those images.
-    ``fast`` uses :data:`FAST_TARGETS` and 500 test images.
+    alone, for comparison); BN statistics are then re-estimated on those images. At
+    :data:`AUTO_TARGET` ``method="auto"`` (tucker or cp per layer) is shown too.
+    ``fast`` uses :data:`FAST_TARGETS` and 500 test images, without the auto row.
     """
     from . import serialize, zoo
     from .api import analyze, compress
@@ -140,6 +145,10 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
         calib_loader = make_loader(calib, 100, shuffle=False)
         example = torch.zeros(1, 3, 32, 32)
         targets = FAST_TARGETS if fast else TARGETS
+        runs = [("tucker", t, fit) for t in targets
+                for fit in (("data-free", "calibrated") if t == MAIN_TARGET else ("calibrated",))]
+        if not fast:
+            runs.append(("auto", AUTO_TARGET, "calibrated"))
         print(f"convfx demo: pretrained CIFAR-10 ResNet-20 (bundled), {n_test} test images, "
               f"{n_calib} calibration images (labels unused), {n_threads} CPU thread(s)")
 
@@ -147,33 +156,34 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
         base = analyze(model, example)
         ev = evaluate(model, test_loader, progress=progress, desc="original")
         rows = [DemoRow("original", "-", None, base.conv_macs, base.params, ev["top1"], ev["top5"], ev["top1"],
-                        time.perf_counter() - t0)]
+                        time.perf_counter() - t0, "-")]
         print(f"original: top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%, conv MACs {base.conv_macs / 1e6:.2f}M")
 
         main_gm: torch.fx.GraphModule | None = None
-        for target in targets:
-            is_main = target == MAIN_TARGET
-            for fit in ("data-free", "calibrated") if is_main else ("calibrated",):
-                t0 = time.perf_counter()
-                label = f"tucker {target:.0%} MACs"
-                gm = compress(model, example, method="tucker", flops_target=target, progress=False,
-                              calibration=calib_loader if fit == "calibrated" else None)
-                raw = None
-                if fit == "data-free":  # what the weights alone give, before and after BN re-estimation
-                    raw = evaluate(gm, test_loader, progress=progress, desc=f"{label} {fit}")["top1"]
-                recalibrate_bn(gm, calib_loader, _BN_BATCHES)
-                ev = evaluate(gm, test_loader, progress=progress, desc=f"{label} {fit} +BN")
-                rep = gm.convfx_report
-                rows.append(DemoRow(label, fit, target, rep.conv_macs_after, rep.params_after, ev["top1"],
-                                    ev["top5"], raw, time.perf_counter() - t0))
-                print(f"{label}, {fit}: conv MACs {rep.conv_macs_after / 1e6:.2f}M "
-                      f"({rep.conv_reduction:.2f}x fewer), top-1 {ev['top1']:.2f}% after BN re-estimation"
-                      + (f" ({raw:.2f}% before)" if raw is not None else ""))
-                if is_main and fit == "calibrated":
-                    main_gm = gm
+        for method, target, fit in runs:
+            is_main = target == MAIN_TARGET and method == "tucker"
+            t0 = time.perf_counter()
+            label = f"{method} {target:.0%} MACs"
+            gm = compress(model, example, method=method, flops_target=target, progress=False,
+                          calibration=calib_loader if fit == "calibrated" else None)
+            raw = None
+            if fit == "data-free":  # what the weights alone give, before and after BN re-estimation
+                raw = evaluate(gm, test_loader, progress=progress, desc=f"{label} {fit}")["top1"]
+            recalibrate_bn(gm, calib_loader, _BN_BATCHES)
+            ev = evaluate(gm, test_loader, progress=progress, desc=f"{label} {fit} +BN")
+            rep = gm.convfx_report
+            rows.append(DemoRow(label, fit, target, rep.conv_macs_after, rep.params_after, ev["top1"],
+                                ev["top5"], raw, time.perf_counter() - t0, method))
+            structures = sorted({r.method for r in rep.factorized if r.method})
+            print(f"{label}, {fit}: conv MACs {rep.conv_macs_after / 1e6:.2f}M "
+                  f"({rep.conv_reduction:.2f}x fewer), top-1 {ev['top1']:.2f}% after BN re-estimation"
+                  + (f" ({raw:.2f}% before)" if raw is not None else "")
+                  + (f"; structures chosen: {', '.join(structures)}" if method == "auto" else ""))
+            if is_main and fit == "calibrated":
+                main_gm = gm
         if main_gm is None:  # MAIN_TARGET not among the targets run
             main_gm = gm
-        main_rows = [r for r in rows if r.target == MAIN_TARGET] or rows[-1:]
+        main_rows = [r for r in rows if r.target == MAIN_TARGET and r.method == "tucker"] or rows[-1:]
         main_label = f"tucker, {main_rows[-1].label.split(' ', 1)[1]}, calibrated"
 
         print(f"\nPer-layer report, main setting ({main_label}; BN then re-estimated):")
@@ -192,18 +202,20 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
         with torch.no_grad():
             identical = bool(torch.equal(main_gm.eval()(x), reloaded.eval()(x)))
 
-        groups = {"data-free": ("Tucker-2, data-free + BN re-est.", (6, -14)),
-                  "calibrated": (f"Tucker-2, fitted on {n_calib} calibration images + BN re-est.", (-6, 8))}
+        groups = {("tucker", "data-free"): ("Tucker-2, data-free + BN re-est.", (6, -14)),
+                  ("tucker", "calibrated"): (f"Tucker-2, fitted on {n_calib} calibration images + BN re-est.",
+                                             (-6, 8)),
+                  ("auto", "calibrated"): ("method=auto (tucker or cp per layer), calibrated + BN re-est.", (8, -14))}
         points = [Point("original", rows[0].conv_macs, rows[0].top1, reference=True)]
         for r in rows[1:]:
-            group, offset = groups[r.fit]
+            group, offset = groups[(r.method, r.fit)]
             points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1, group=group, offset=offset))
             if r.top1_raw is not None:
                 points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1_raw,
                                     group="Tucker-2, data-free, BN statistics not re-estimated"))
         plot_path = plot_accuracy_vs_macs(
             points, out / _PLOT_NAME,
-            title=f"CIFAR-10 ResNet-20, Tucker-2 at conv-MAC budgets: top-1 on {n_test} test images")
+            title=f"CIFAR-10 ResNet-20 at conv-MAC budgets: top-1 on {n_test} test images")
 
         seconds = time.perf_counter() - t_start
         result = DemoResult(rows, model_path, plot_path, out / _RESULTS_NAME, identical, n_test, n_threads, seconds)

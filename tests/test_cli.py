@@ -272,3 +272,14 @@ def test_demo_fast_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert (tmp_path / "demo_accuracy_vs_macs.png").stat().st_size > 10_000
     assert serialize.load(tmp_path / "demo_resnet20_tucker.pt").convfx_report is not None
     assert "yes, bit for bit" in out and "top-1" in out
+
+
+@pytest.mark.slow
+def test_full_demo_shows_auto_ahead_of_tucker_at_the_smallest_budget(tmp_path: Path) -> None:
+    """The full demo's extra row: method=auto at the same conv MACs as Tucker-2, and more accurate."""
+    assert main(["demo", "--out", str(tmp_path), "-q"]) == 0
+    rows = json.loads((tmp_path / "demo_results.json").read_text())["rows"]
+    auto = next(r for r in rows if r["method"] == "auto")
+    tucker = next(r for r in rows if r["method"] == "tucker" and r["target"] == auto["target"])
+    assert auto["conv_macs"] <= auto["target"] * rows[0]["conv_macs"]
+    assert auto["top1"] > tucker["top1"]
