@@ -473,8 +473,8 @@ class Bench:
                                                             progress=False),
                                   example, target_macs, 0.02, 1.0, increasing=True)
                 note = f"uniform rank fraction {p:.3f}"
-            elif structure(method) is not None:
-                model = convfx.compress(original, example, method=structure(method), flops_target=1 / target,
+            elif (how := structure(method)) is not None:
+                model = convfx.compress(original, example, method=how, flops_target=1 / target,
                                         calibration=calib, progress=False)
                 kept = [n.rsplit("kept ", 1)[1] for n in model.convfx_report.notes if "; kept " in n]
                 note = f"allocation: {kept[0]} sensitivities" if kept else ""

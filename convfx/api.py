@@ -25,7 +25,7 @@ from passes.calibrate import (SHRINK, Frontier, bn_output_scale, channel_stats, 
 from passes.decompose import relative_error
 from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, max_ranks, original_cost
 from passes.flops import annotate_macs, eval_mode, fvcore_macs, propagate_shapes
-from passes.ranks import RankSpec, layer_method, select_ranks, skip_reason, validate_rank_spec
+from passes.ranks import COMPRESS_METHODS, RankSpec, layer_method, select_ranks, skip_reason, validate_rank_spec
 from passes.rewrite import factorize_sites
 from passes.trace import TraceResult, is_plain_conv, trace
 
@@ -96,8 +96,8 @@ def _count_params(model: nn.Module) -> int:
 
 
 def _validate(method: str, rank: RankSpec, filter_fn: Any, flops_target: Any = None) -> None:
-    if method not in (*METHODS, "auto"):
-        raise ValueError(f"method: expected one of {(*METHODS, 'auto')}, got {method!r}")
+    if method not in COMPRESS_METHODS:
+        raise ValueError(f"method: expected one of {COMPRESS_METHODS}, got {method!r}")
     if method == "auto" and flops_target is None:
         raise ValueError("method: 'auto' chooses each layer's structure inside the flops_target allocation; "
                          "pass flops_target=... or one of " + ", ".join(METHODS))
@@ -233,8 +233,7 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
         node_to_site = {n.name: s.fqn for s in sites for n in s.nodes if skip_reason(s.geometry) is None}
         with eval_mode(ref):
             stats = channel_stats(ref, node_to_site, batches)
-    families = {"": method} if method != "auto" else {"+".join(AUTO_METHODS) + " ": "auto", "tucker ": "tucker"}
-    curves_by: dict[str, dict[str, list[Candidate]]] = {fam: {} for fam in families}
+    curves: dict[str, list[Candidate]] = {}
     fixed = conv_before
     plans: dict[str, FactorPlan | str] = {}
     for site in sites:
@@ -250,22 +249,26 @@ def _allocate(gm: fx.GraphModule, sites: list[Site], method: str, target: float,
         in_shape = tuple(site.nodes[0].meta["convfx_in_shape"])
         n_calls = len(site.nodes)
         st = stats.get(site.fqn)
-        for fam, m in families.items():
-            cands = layer_candidates(site, layer_method(site.geometry, m), in_shape,
-                                     st.c_in if st else None, st.c_out if st else None, multiple, scales[site.fqn])
-            curves_by[fam][site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2) for c in cands]
+        cands = layer_candidates(site, layer_method(site.geometry, method), in_shape,
+                                 st.c_in if st else None, st.c_out if st else None, multiple, scales[site.fqn])
+        curves[site.fqn] = [Candidate(c.plan, c.macs * n_calls, c.err2) for c in cands]
         fixed -= cands[0].macs * n_calls
     budget = int(math.floor(target * conv_before))
+    curves_by = {"": curves}
+    if method == "auto":  # the tucker-only curves are the mixed ones without their cp plans
+        curves_by = {"+".join(AUTO_METHODS) + " ": curves,
+                     "tucker ": {fqn: [c for c in cs if c.plan is None or c.plan.method != "cp"]
+                                 for fqn, cs in curves.items()}}
     noise: dict[str, float] | None = None
     out: list[tuple[str, dict[str, FactorPlan | str]]] = []
-    for fam, curves in curves_by.items():
+    for fam, fam_curves in curves_by.items():
         models: dict[str, dict[str, float]] = {"spectra": {}}
         if stats and ref is not None:
-            models = _sensitivities(gm, ref, sites, curves, stats, scales, batches, progress, noise)
+            models = _sensitivities(gm, ref, sites, fam_curves, stats, scales, batches, progress, noise)
             noise = models["noise"]
         for label, sens in models.items():
             weighted = {fqn: [Candidate(c.plan, c.macs, c.err2 * sens.get(fqn, 1.0)) for c in cands]
-                        for fqn, cands in curves.items()}
+                        for fqn, cands in fam_curves.items()}
             chosen = allocate(weighted, budget, fixed)
             result = dict(plans)
             for fqn, cand in chosen.items():

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from passes.errors import ConvfxError
-from passes.ranks import RankSpec, validate_rank_spec
+from passes.ranks import COMPRESS_METHODS, RankSpec, validate_rank_spec
 
 __all__ = ["main", "build_parser", "build_model", "format_table", "parse_rank", "parse_shape", "Measurement"]
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=True)
     _model_args(p, shown="resnet50; with -m: the architecture recorded in the file")
     g = p.add_argument_group("decomposition")
-    g.add_argument("-d", "--decomp", choices=("cp", "tucker", "svd", "auto"), default="cp",
+    g.add_argument("-d", "--decomp", choices=COMPRESS_METHODS, default="cp",
                    help="decomposition (default: %(default)s; 1x1 convs always use SVD; auto: tucker or cp "
                         "per layer, with --flops-target)")
     g.add_argument("--rank", type=parse_rank, default="vbmf",
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "per-layer report. MACs are counted for --input-shape.")
     _model_args(p, arch_default="resnet50")
     p.add_argument("-s", "--state-dict", metavar="PATH", default=None, help="weights to load before decomposing")
-    p.add_argument("-d", "--method", choices=("tucker", "cp", "svd", "auto"), default="tucker",
+    p.add_argument("-d", "--method", choices=COMPRESS_METHODS, default="tucker",
                    help="decomposition (default: %(default)s; auto: tucker or cp per layer, with --flops-target)")
     p.add_argument("--rank", type=parse_rank, default="vbmf", help="vbmf (default), energy:F, int, float or r_out,r_in")
     p.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "architecture (random or given weights, no data) and print the report without saving.")
     p.add_argument("file", nargs="?", metavar="MODEL", help="a model saved by convfx")
     _model_args(p, arch_default=None)
-    p.add_argument("-d", "--method", choices=("tucker", "cp", "svd", "auto"), default="tucker",
+    p.add_argument("-d", "--method", choices=COMPRESS_METHODS, default="tucker",
                    help="decomposition for --arch (default: %(default)s; auto needs --flops-target)")
     p.add_argument("--rank", type=parse_rank, default="vbmf", help="rank rule for --arch (default: vbmf)")
     p.add_argument("--flops-target", type=_fraction, default=None, metavar="F",

@@ -89,15 +89,14 @@ def layer_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: T
     normalized output space that the rest of the network sees. ``method="auto"`` gives
     the candidates of every structure in :data:`AUTO_METHODS` on one curve.
     """
-    cands: list[Candidate] = []
-    for m in (AUTO_METHODS if method == "auto" else (method,)):
-        more = _all_candidates(site, m, in_shape, c_in, c_out, multiple, out_scale)
-        cands += more if not cands else more[1:]
+    cands = _all_candidates(site, AUTO_METHODS if method == "auto" else (method,), in_shape, c_in, c_out,
+                            multiple, out_scale)
     return [cands[0]] + [c for c in cands[1:] if c.macs < cands[0].macs]
 
 
-def _all_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: Tensor | None,
+def _all_candidates(site: Site, methods: tuple[str, ...], in_shape: tuple[int, ...], c_in: Tensor | None,
                     c_out: Tensor | None, multiple: int, out_scale: Tensor | None) -> list[Candidate]:
+    """The "keep it" candidate, then every plan of each method in ``methods`` (spectra computed once)."""
     g = site.geometry
     w = site.weight.detach().to(torch.float64)
     cout = g.out_channels
@@ -109,44 +108,49 @@ def _all_candidates(site: Site, method: str, in_shape: tuple[int, ...], c_in: Te
     base = original_cost(g, in_shape)[0]
     cands = [Candidate(None, base, 0.0)]
     root = _sqrt_psd(c_in.to(w.device)) if c_in is not None else None
-    if method == "svd":
+
+    def cand(plan: FactorPlan, err2: float) -> Candidate:
+        return Candidate(plan, factor_cost(g, plan, in_shape)[0], err2)
+
+    if "svd" in methods:
         wm = w.reshape(cout, -1)
         if root is not None:
             kk = wm.shape[1] // root.shape[0]
             wm = (wm.reshape(cout, root.shape[0], kk).transpose(1, 2) @ root).transpose(1, 2).reshape(cout, -1)
-        tail = _tail_fractions(torch.linalg.eigvalsh(wm @ wm.T) if wm.shape[0] <= wm.shape[1]
-                               else torch.linalg.eigvalsh(wm.T @ wm))
+        tail = _matrix_tails(wm)
         full = min(cout, wm.shape[1])
-        for r in rank_grid(full, multiple, points=max(28, min(full, 256))):  # 1-D: afford every rank
-            plan = FactorPlan("svd", (r,))
-            cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], float(tail[min(r, tail.numel() - 1)])))
+        cands += [cand(FactorPlan("svd", (r,)), float(tail[min(r, tail.numel() - 1)]))
+                  for r in rank_grid(full, multiple, points=max(28, min(full, 256)))]  # 1-D: afford every rank
+    if "tucker" not in methods and "cp" not in methods:
         return cands
     w1 = unfold(w, 1)
     m_in = root @ w1 @ w1.T @ root if root is not None else w1 @ w1.T
     tail_in = _tail_fractions(torch.linalg.eigvalsh((m_in + m_in.T) / 2))
     c_y = c_out.to(w.device) if c_out is not None else unfold(w, 0) @ unfold(w, 0).T
     tail_out = _tail_fractions(torch.linalg.eigvalsh((c_y + c_y.T) / 2))
-    if method == "tucker":
+    if "tucker" in methods:
         # Up to 48 ranks per mode (every rank of a small layer), so the budget can be met closely.
-        for ro in rank_grid(cout, multiple, points=max(28, min(cout, 48))):
-            for ri in rank_grid(g.in_channels, multiple, points=max(28, min(g.in_channels, 48))):
-                plan = FactorPlan("tucker", (ro, ri))
-                cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0],
-                                       float(tail_out[ro]) + float(tail_in[ri])))
-        return cands
-    kh, kw = g.kernel_size
-    full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
-    tail_mix = _mixed_tails(w, root)
-    for r in rank_grid(full, multiple, points=max(28, min(full, 256))):
-        plan = FactorPlan("cp", (r,))
+        cands += [cand(FactorPlan("tucker", (ro, ri)), float(tail_out[ro]) + float(tail_in[ri]))
+                  for ro in rank_grid(cout, multiple, points=max(28, min(cout, 48)))
+                  for ri in rank_grid(g.in_channels, multiple, points=max(28, min(g.in_channels, 48)))]
+    if "cp" in methods:
+        kh, kw = g.kernel_size
+        full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
+        tail_mix = _mixed_tails(w, root)
         # The channel terms are 0 once R reaches both channel counts; the mixed
         # matricizations (rank <= R too) still charge the separable spatial part. A tiny
         # rank-decreasing term keeps higher ranks strictly better, so the allocation lands
         # on its target.
-        err2 = (float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)])
-                + float(tail_mix[min(r, tail_mix.numel() - 1)]) + 1e-4 * (1 - r / full))
-        cands.append(Candidate(plan, factor_cost(g, plan, in_shape)[0], err2))
+        cands += [cand(FactorPlan("cp", (r,)),
+                       float(tail_out[min(r, cout)]) + float(tail_in[min(r, g.in_channels)])
+                       + float(tail_mix[min(r, tail_mix.numel() - 1)]) + 1e-4 * (1 - r / full))
+                  for r in rank_grid(full, multiple, points=max(28, min(full, 256)))]
     return cands
+
+
+def _matrix_tails(m: Tensor) -> Tensor:
+    """:func:`_tail_fractions` of the squared singular values of ``m`` (from its smaller Gram)."""
+    return _tail_fractions(torch.linalg.eigvalsh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m))
 
 
 def _mixed_tails(w: Tensor, root: Tensor | None) -> Tensor:
@@ -158,10 +162,8 @@ def _mixed_tails(w: Tensor, root: Tensor | None) -> Tensor:
     """
     wt = torch.einsum("oihw,ij->ojhw", w, root) if root is not None else w
     co, ci, kh, kw = wt.shape
-    tails = []
-    for m in (wt.permute(0, 2, 1, 3).reshape(co * kh, ci * kw), wt.permute(0, 3, 1, 2).reshape(co * kw, ci * kh)):
-        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-        tails.append(_tail_fractions(torch.linalg.eigvalsh((gram + gram.T) / 2)))
+    tails = [_matrix_tails(wt.permute(0, 2, 1, 3).reshape(co * kh, ci * kw)),
+             _matrix_tails(wt.permute(0, 3, 1, 2).reshape(co * kw, ci * kh))]
     n = min(t.numel() for t in tails)
     return torch.maximum(tails[0][:n], tails[1][:n])
 

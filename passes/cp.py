@@ -179,8 +179,7 @@ def cp_als(
     weights, factors, n_iter, converged = _als(data, norm2, weights, factors, n_iter_max, tol, ridge)
     rel_error = float(torch.linalg.vector_norm(data - _reconstruct(weights, factors))) / math.sqrt(norm2)
     if ridge > _RIDGE and rel_error < _POLISH_BELOW and n_iter_max > 0:
-        start = [f * weights.pow(1 / len(factors)) for f in factors]
-        weights, factors, more, converged = _als(data, norm2, weights, start, n_iter_max, tol, _RIDGE)
+        weights, factors, more, converged = _als(data, norm2, weights, factors, n_iter_max, tol, _RIDGE)
         n_iter += more
         rel_error = float(torch.linalg.vector_norm(data - _reconstruct(weights, factors))) / math.sqrt(norm2)
     log.debug(

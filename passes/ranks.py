@@ -28,11 +28,14 @@ from .errors import ConvfxError
 from .factors import METHODS, FactorPlan, factor_cost, max_ranks, original_cost
 
 __all__ = [
-    "RankSpec", "validate_rank_spec", "layer_method", "skip_reason", "choose_plan", "is_automatic",
+    "COMPRESS_METHODS", "RankSpec", "validate_rank_spec", "layer_method", "skip_reason", "choose_plan", "is_automatic",
     "select_ranks",
 ]
 
 RankSpec = Union[str, int, float, tuple, Mapping[str, Any]]
+
+#: What ``compress(method=)`` accepts: a factor structure, or "auto" (chosen per layer by ``flops_target``).
+COMPRESS_METHODS = (*METHODS, "auto")
 
 
 def _check_scalar(value: Any, where: str) -> None:
@@ -92,8 +95,8 @@ def layer_method(geom: ConvGeometry, method: str) -> str:
     ``"auto"`` (chosen per layer by the ``flops_target`` allocation) stays ``"auto"`` for
     k×k convs.
     """
-    if method not in (*METHODS, "auto"):
-        raise ValueError(f"method: expected one of {(*METHODS, 'auto')}, got {method!r}")
+    if method not in COMPRESS_METHODS:
+        raise ValueError(f"method: expected one of {COMPRESS_METHODS}, got {method!r}")
     return "svd" if geom.is_pointwise else method
 
 
