@@ -82,8 +82,8 @@ log = logging.getLogger("accuracy")
 
 CIFAR_MODELS = {"resnet20": 20, "resnet56": 56}
 METHODS = ("seed", "convfx", "convfx+KD", "pruning")
-#: convfx with another structure than Tucker-2 (``compress(method=...)``): convfx-cp, convfx-auto(+KD).
-STRUCTURES = ("cp", "auto")
+#: convfx with another structure than Tucker-2 (``compress(method=...)``): convfx-cp, convfx-auto, convfx-id(+KD).
+STRUCTURES = ("cp", "auto", "id")
 ALL_METHODS = METHODS + tuple(f"convfx-{s}{kd}" for s in STRUCTURES for kd in ("", "+KD"))
 LABELS = {
     "seed": "seed: Tucker-2, data-free (uniform ranks; VBMF point)",
@@ -94,6 +94,8 @@ LABELS = {
     "convfx-cp+KD": "convfx CP + distillation",
     "convfx-auto": "convfx: method=auto (tucker or cp per layer) + flops_target",
     "convfx-auto+KD": "convfx auto + distillation",
+    "convfx-id": "convfx: method=id (data-aware hidden-channel ID) + flops_target",
+    "convfx-id+KD": "convfx id + distillation",
 }
 
 
@@ -345,9 +347,9 @@ def plot(res: Results, path: Path) -> None:
     axes = fig.subplots(len(panels), len(models), squeeze=False)
     colors = {"seed": "tab:gray", "convfx": "tab:blue", "convfx+KD": "tab:green", "pruning": "tab:red",
               "convfx-cp": "tab:cyan", "convfx-cp+KD": "tab:olive", "convfx-auto": "tab:purple",
-              "convfx-auto+KD": "tab:brown"}
+              "convfx-auto+KD": "tab:brown", "convfx-id": "tab:orange", "convfx-id+KD": "tab:pink"}
     markers = {"seed": "s", "convfx": "o", "convfx+KD": "D", "pruning": "v", "convfx-cp": "^", "convfx-cp+KD": "<",
-               "convfx-auto": "P", "convfx-auto+KD": "X"}
+               "convfx-auto": "P", "convfx-auto+KD": "X", "convfx-id": "h", "convfx-id+KD": "p"}
     handles: dict[str, Any] = {}
     for row, (attr, what) in enumerate(panels):
         for col, model in enumerate(models):

@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("decomposition")
     g.add_argument("-d", "--decomp", choices=COMPRESS_METHODS, default="cp",
                    help="decomposition (default: %(default)s; 1x1 convs always use SVD; auto: tucker or cp "
-                        "per layer, with --flops-target)")
+                        "per layer, with --flops-target; id: narrow the hidden channels of inverted-residual "
+                        "blocks, with --flops-target and --calibrate)")
     g.add_argument("--rank", type=parse_rank, default="vbmf",
                    help="vbmf (default), energy:F, an int, a float in (0, 1] (fraction of channels), or r_out,r_in")
     g.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
@@ -223,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, arch_default="resnet50")
     p.add_argument("-s", "--state-dict", metavar="PATH", default=None, help="weights to load before decomposing")
     p.add_argument("-d", "--method", choices=COMPRESS_METHODS, default="tucker",
-                   help="decomposition (default: %(default)s; auto: tucker or cp per layer, with --flops-target)")
+                   help="decomposition (default: %(default)s; auto: tucker or cp per layer, with --flops-target; "
+                        "id needs calibration data: use the decomp command)")
     p.add_argument("--rank", type=parse_rank, default="vbmf", help="vbmf (default), energy:F, int, float or r_out,r_in")
     p.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
                    help="allocate ranks so that conv MACs are at most F x the original's (replaces --rank)")

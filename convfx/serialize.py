@@ -19,6 +19,7 @@ only tensors and plain Python types)::
      "layers": {fqn: {"method": "tucker", "ranks": [r_out, r_in],
                       "kind": "conv" | "linear", "geometry": ConvGeometry.to_dict(),
                       "fold_square": bool}},  # version 2; version-1 files never fold
+     "widths": {last_fqn: k},                  # method="id": hidden width of each narrowed chain
      "report": "<Report as JSON>" | None,
      "state_dict": {name: tensor}}
 
@@ -47,6 +48,7 @@ from torch import nn
 from passes.convs import ConvGeometry, find_sites
 from passes.errors import ConvfxError
 from passes.factors import Factorized, FactorPlan
+from passes.interp import find_chains, prune_chain
 from passes.rewrite import factorize_sites
 from passes.trace import trace
 
@@ -133,6 +135,14 @@ def report_from_json(text: str) -> Report:
 
 
 # -------------------------------------------------------------------------------- save
+def _narrowed_widths(gm: nn.Module, report: Any) -> dict[str, int]:
+    """Hidden width of each chain that ``method="id"`` narrowed, keyed by its last conv (from the report)."""
+    if not isinstance(report, Report) or not isinstance(gm, fx.GraphModule):
+        return {}
+    rows = {r.fqn: r for r in report.layers if r.method == "id" and r.ranks}
+    return {c.last.fqn: int(rows[c.last.fqn].ranks[0]) for c in find_chains(gm) if c.last.fqn in rows}
+
+
 def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
          normalization: zoo.Normalization | None = None) -> Path:
     """Write ``gm`` (typically ``compress``'s result) to ``path`` atomically; return the path.
@@ -150,9 +160,10 @@ def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
     if arch is not None and not zoo.is_known_arch(arch):
         log.info("arch %r is not a registry name; load() will need model=", arch)
     layers = _factorized_layers(gm)
-    if not layers:
-        log.warning("%s has no factorized layers; saving it as it is", type(gm).__name__)
     report = getattr(gm, "convfx_report", None)
+    widths = _narrowed_widths(gm, report)
+    if not layers and not widths:
+        log.warning("%s has no factorized layers; saving it as it is", type(gm).__name__)
     state = {k: v.detach().cpu() for k, v in gm.state_dict().items()}
     obj: dict[str, Any] = {
         "format": FORMAT,
@@ -163,6 +174,7 @@ def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
         "input_shapes": [list(map(int, s)) for s in report.input_shapes] if isinstance(report, Report) else None,
         "training": bool(gm.training),
         "layers": layers,
+        "widths": widths,
         "report": report.to_json(indent=None) if isinstance(report, Report) else None,
         "state_dict": state,
     }
@@ -273,6 +285,17 @@ def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModul
                 f"layer geometry differs: file has {kinds[fqn]} {geom}, model has {site.kind} {site.geometry}",
                 where=f"{where}: {fqn}", hint="the model is a different architecture (or variant) "
                 "from the one the file was saved from")
+    widths = spec.get("widths") or {}
+    chains = {c.last.fqn: c for c in find_chains(gm, sites)}
+    for fqn, k in widths.items():
+        if fqn not in chains or not 0 < int(k) <= chains[fqn].hidden:
+            raise ConvfxError(f"narrowed chain {fqn!r} (width {k}) is not a chain of this model",
+                              where=where, hint="the model is a different architecture from the one the file "
+                              "was saved from")
+        c = chains[fqn]
+        keep = list(range(int(k)))  # placeholders: the state dict brings the weights
+        prune_chain(gm, c, keep, torch.zeros(c.last.geometry.out_channels, int(k)),
+                    torch.zeros(c.last.geometry.out_channels))
     factorize_sites(gm, [by_fqn[f] for f in plans], plans, weight_fn=None,
                     unfolded={f for f, fold in folds.items() if not fold})
     return gm

@@ -35,7 +35,7 @@ __all__ = [
 RankSpec = Union[str, int, float, tuple, Mapping[str, Any]]
 
 #: What ``compress(method=)`` accepts: a factor structure, or "auto" (chosen per layer by ``flops_target``).
-COMPRESS_METHODS = (*METHODS, "auto")
+COMPRESS_METHODS = (*METHODS, "auto", "id")
 
 
 def _check_scalar(value: Any, where: str) -> None:

@@ -205,6 +205,7 @@ def test_bad_flags_give_usage_and_exit_2(argv: list[str], capsys: pytest.Capture
     (["report", "{tmp}/garbage.pt", "--arch", "resnet18"], "either a saved MODEL"),
     (["report", "--arch", "cifar_resnet20", "--rank", "4", "--flops-target", "0.5"], "not both"),
     (["compress", "--arch", "cifar_resnet20", "-d", "auto"], "'auto' chooses each layer's structure"),
+    (["compress", "--arch", "cifar_resnet20", "-d", "id", "--flops-target", "0.7"], "method='id' refits"),
     (["decomp", "-p", "{data}", "--arch", "cifar_resnet20", "--dataset", "imagefolder-classlist"],
      "needs --class-list"),
 ])

@@ -1,0 +1,240 @@
+"""method="id": data-aware interpolative decomposition of inverted-residual hidden channels."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import convfx
+from passes.errors import ConvfxError
+from passes.flops import annotate_macs, propagate_shapes
+from passes.interp import chain_moments, find_chains, greedy_order, prune_chain, refit
+from passes.trace import trace
+
+
+class SamePadConv(nn.Conv2d):
+    """A Conv2d subclass that pads in forward, as EfficientNet-Lite's code does (traced as F.conv2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0] // 2
+        return F.conv2d(F.pad(x, (k, k, k, k)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Block(nn.Module):
+    def __init__(self, c: int, e: int, k: int, functional: bool) -> None:
+        super().__init__()
+        conv = SamePadConv if functional else nn.Conv2d
+        h = c * e
+        self.expand = conv(c, h, 1, bias=False)
+        self.bn0 = nn.BatchNorm2d(h)
+        self.act = nn.ReLU6()
+        self.dw = conv(h, h, k, padding=0 if functional else k // 2, groups=h, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.project = conv(h, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn2(self.project(self.act(self.bn1(self.dw(self.act(self.bn0(self.expand(x))))))))
+
+
+class Net(nn.Module):
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        self.b1 = Block(16, 4, 3, functional)
+        self.b2 = Block(16, 6, 5, functional)
+        self.head = nn.Conv2d(16, 64, 1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.head(self.b2(self.b1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _net(functional: bool = False, seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    m = Net(functional).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+    return m
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _traced(m: nn.Module) -> torch.fx.GraphModule:
+    """A traced copy: the rewrite mutates its modules, which ``trace`` shares with ``m``."""
+    gm = trace(copy.deepcopy(m)).gm
+    propagate_shapes(gm, (_images(1, 0),))
+    annotate_macs(gm)
+    return gm
+
+
+def _hidden(gm: torch.fx.GraphModule, node_name: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of node ``node_name`` when ``gm`` runs on ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    class Grab(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            if n.name == node_name:
+                seen["h"] = self.env[n.args[0]]  # type: ignore[index,assignment]
+            return super().run_node(n)
+
+    with torch.no_grad():
+        Grab(gm).run(x)
+    return seen["h"]
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_find_chains_takes_inverted_residuals_and_nothing_shared(functional: bool) -> None:
+    gm = _traced(_net(functional))
+    chains = find_chains(gm)
+    assert [(c.first.fqn, [d.fqn for d in c.depthwise], c.last.fqn, c.norms, c.hidden) for c in chains] == [
+        ("b1.expand", ["b1.dw"], "b1.project", ["b1.bn0", "b1.bn1"], 64),
+        ("b2.expand", ["b2.dw"], "b2.project", ["b2.bn0", "b2.bn1"], 96),
+    ]  # stem -> relu -> b1.expand is not one: the stem's output also feeds b1's skip
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_full_width_in_any_order_is_exact(functional: bool) -> None:
+    m = _net(functional)
+    gm = _traced(m)
+    x = _images(4, 1)
+    for c in find_chains(gm):
+        perm = torch.randperm(c.hidden, generator=torch.Generator().manual_seed(2)).tolist()
+        w = c.last.weight.detach().reshape(c.last.geometry.out_channels, -1)[:, perm]
+        prune_chain(gm, c, perm, w, torch.zeros(w.shape[0]))
+    gm.graph.lint()
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_duplicated_hidden_channels_are_dropped_exactly() -> None:
+    """Ground truth: a block whose hidden channels come in identical pairs needs only half of them."""
+    m = _net()
+    blk = m.b1
+    with torch.no_grad():
+        half = 32
+        blk.expand.weight[half:] = blk.expand.weight[:half]
+        blk.dw.weight[half:] = blk.dw.weight[:half]
+        for bn in (blk.bn0, blk.bn1):
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[half:] = t[:half]
+    gm = _traced(m)
+    chain = find_chains(gm)[0]
+    name = chain.last.nodes[0].name
+    cal = [_images(16, s) for s in range(3)]
+    hs = [_hidden(gm, name, x) for x in cal]
+    mo = chain_moments(chain, [(h, h) for h in hs])
+    order, resid = greedy_order(mo, ridge=1e-9)
+    assert float(resid[half - 1]) < 1e-6 < float(resid[half - 2])
+    keep = order[:half]
+    assert sorted(k % half for k in keep) == list(range(half))  # one of each pair
+    prune_chain(gm, chain, keep, *refit(mo, keep, ridge=1e-9))
+    gm.recompile()
+    x = _images(4, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_curve_is_the_refit_residual_and_beats_slicing() -> None:
+    """The predicted residual equals the measured one, and the data refit beats dropping columns of W."""
+    m = _net()
+    gm = _traced(m)
+    chain = find_chains(gm)[1]
+    name = chain.last.nodes[0].name
+    hs = [_hidden(gm, name, _images(16, s)) for s in range(3)]
+    mo = chain_moments(chain, [(h, h) for h in hs])
+    order, resid = greedy_order(mo, ridge=0.0)
+    k = 40
+    keep = order[:k]
+    w, b = refit(mo, keep, ridge=0.0)
+    w_full = chain.last.weight.detach().reshape(16, -1).double()
+    rows = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, chain.hidden) for h in hs]).double()
+    target = rows @ w_full.T
+    fitted = rows[:, keep] @ w.T + b
+    sliced = rows[:, keep] @ w_full[:, keep].T
+    measured = float((target - fitted).pow(2).sum() / target.pow(2).sum())
+    assert measured == pytest.approx(float(resid[k - 1]), rel=1e-6, abs=1e-9)
+    assert measured < 0.5 * float((target - sliced).pow(2).sum() / target.pow(2).sum())
+    assert bool((resid[1:] <= resid[:-1] + 1e-12).all())  # keeping more never predicts worse
+
+
+@pytest.mark.parametrize("target", [0.8, 0.6])
+@pytest.mark.parametrize("functional", [False, True])
+def test_flops_target_lands_and_macs_follow_the_widths(target: float, functional: bool) -> None:
+    m = _net(functional)
+    cal = [_images(16, s) for s in range(3)]
+    gm = convfx.compress(m, _images(1, 0), method="id", flops_target=target, calibration=cal, progress=False)
+    rep = gm.convfx_report
+    assert rep.conv_macs_after <= target * rep.conv_macs_before
+    assert rep.conv_macs_after >= 0.99 * target * rep.conv_macs_before
+    # analytic MACs of a narrowed block at hidden width k on a 16x16 map (stem stride 2)
+    for blk, c, e, ks in (("b1", 16, 4, 3), ("b2", 16, 6, 5)):
+        rows = {r.fqn.rsplit(".", 1)[1]: r for r in rep.layers if r.fqn.startswith(blk + ".")}
+        k = rows["project"].ranks[0] if rows["project"].ranks else c * e
+        hw = 16 * 16
+        assert sum(r.macs_after for r in rows.values()) == hw * k * (c + ks * ks + c)
+        assert getattr(gm, blk).dw.weight.shape[0] == k
+    assert rep.conv_macs_after == sum(r.macs_after for r in rep.layers)
+    assert {r.fqn for r in rep.layers if r.skipped} == {"stem", "head"}
+    with torch.no_grad():
+        y0, y1 = m(_images(8, 7)), gm(_images(8, 7))
+    assert float((y1 - y0).norm() / y0.norm()) < 0.2
+
+
+def test_dataloader_and_generator_give_the_same_widths_and_weights() -> None:
+    m = _net()
+    xs = torch.cat([_images(16, s) for s in range(3)])
+    a = convfx.compress(m, xs[:1], method="id", flops_target=0.7,
+                        calibration=DataLoader(TensorDataset(xs, torch.zeros(48)), batch_size=16), progress=False)
+    b = convfx.compress(m, xs[:1], method="id", flops_target=0.7,
+                        calibration=(xs[i:i + 16] for i in range(0, 48, 16)), progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"flops_target": None, "calibration": "cal"}, "flops_target"),
+    ({"flops_target": 0.7, "calibration": None}, "calibration"),
+    ({"flops_target": 0.7, "calibration": "cal", "rank_multiple": 8}, "rank_multiple"),
+])
+def test_id_argument_errors_name_the_argument(kwargs: dict, match: str) -> None:
+    cal = [_images(4, 0)]
+    kw = {k: (cal if v == "cal" else v) for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        convfx.compress(_net(), _images(1, 0), method="id", progress=False, **kw)
+
+
+def test_id_without_chains_or_out_of_reach_is_a_clear_error() -> None:
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    with pytest.raises(ConvfxError, match="no conv -> channel-wise ops -> 1x1 conv chain"):
+        convfx.compress(plain, _images(1, 0), method="id", flops_target=0.5, calibration=[_images(4, 0)],
+                        progress=False)
+    with pytest.raises(ConvfxError, match=r"\[flops_target\].*out of reach"):
+        convfx.compress(_net(), _images(1, 0), method="id", flops_target=0.05, calibration=[_images(4, 0)],
+                        progress=False)
+
+
+def test_saved_id_model_loads_with_the_same_outputs(tmp_path) -> None:
+    m = _net(functional=True)
+    gm = convfx.compress(m, _images(1, 0), method="id", flops_target=0.7, calibration=[_images(16, 1)],
+                         progress=False)
+    path = convfx.save(gm, tmp_path / "id.convfx")
+    back = convfx.load(path, model=_net(functional=True, seed=5))
+    x = _images(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), gm(x))
+    assert back.convfx_report.conv_macs_after == gm.convfx_report.conv_macs_after
