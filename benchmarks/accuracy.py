@@ -12,7 +12,9 @@ One script, one machine, every method at the same conv-MAC reductions:
   baseline row; ``--teacher original`` distils from the pretrained checkpoint).
   ``--methods convfx+KD`` without ``convfx`` fine-tunes only the distilled variant.
   ``convfx-cp`` and ``convfx-auto`` (each also ``+KD``) use ``compress(method="cp")`` or
-  ``method="auto"`` (tucker or cp chosen per layer) instead of Tucker-2.
+  ``method="auto"`` (tucker or cp chosen per layer) instead of Tucker-2; ``convfx-id`` uses
+  ``method="id"`` (hidden channels of inverted-residual blocks narrowed by a data-aware
+  interpolative decomposition, for EfficientNet-Lite0).
 * **pruning**: Torch-Pruning's L1-magnitude structured channel pruning (the peer a user
   would pick), its ratio bisected to the same conv-MAC target. On the CIFAR ResNets only
   the inner channels of each block are pruned (``conv1``, ``linear`` and every block's
