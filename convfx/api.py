@@ -25,7 +25,8 @@ from passes.calibrate import (SHRINK, Frontier, bn_output_scale, channel_stats, 
 from passes.decompose import relative_error
 from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, max_ranks, original_cost
 from passes.flops import annotate_macs, eval_mode, fvcore_macs, propagate_shapes
-from passes.interp import Chain, allocate_widths, chain_macs, chain_moments, find_chains, greedy_order, prune_chain, refit
+from passes.interp import (Chain, allocate_widths, chain_macs, chain_moments, find_chains, greedy_order, prune_chain,
+                           refit, refit_residual)
 from passes.ranks import COMPRESS_METHODS, RankSpec, layer_method, select_ranks, skip_reason, validate_rank_spec
 from passes.rewrite import factorize_sites
 from passes.trace import TraceResult, is_plain_conv, trace
@@ -495,20 +496,11 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
             mo = chain_moments(c, _hidden_pairs(f_ref, f_cur, node))
             keep = greedy_order(mo)[0][:k]
             w, b = refit(mo, keep)
-            full_w = c.last.weight.detach().reshape(w.shape[0], -1).double()
             prune_chain(gm, c, keep, w, b)
             idx = sorted(keep)
-            conv = c.last.nodes[0]
-            for f in f_cur:  # the paused frontier: its hidden input loses the dropped channels, its
-                env = f.interp.env  # already-fetched weight is the new one
-                env[conv.args[0]] = env[conv.args[0]][:, idx]
-                for a in conv.all_input_nodes:
-                    if a.op == "get_attr" and a in env:
-                        env[a] = f.interp.fetch_attr(str(a.target))
-            wa = torch.zeros(full_w.shape[0], full_w.shape[1] + 1, dtype=torch.float64, device=full_w.device)
-            wa[:, keep], wa[:, -1] = w, b
-            resid = float(mo.target_energy - 2 * (mo.m * wa).sum() + ((wa @ mo.g) * wa).sum())
-            out_err = math.sqrt(max(resid, 0.0) / max(mo.target_energy, 1e-30))
+            for f in f_cur:  # paused at the narrowed conv: its hidden input loses the dropped channels
+                f.rewritten(c.last.nodes[0], lambda h: h[:, idx])
+            out_err = math.sqrt(refit_residual(mo, keep, w, b))
             rows += [_id_row(c, s, k, out_err if s is c.last else None) for s in c.convs]
     gm.graph.lint()
     gm.recompile()
@@ -520,7 +512,7 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
         reason = ("flops_target allocation kept its chain at full width" if s.fqn in in_chain else
                   "method='id' narrows conv -> channel-wise ops -> 1x1 conv chains; this conv is in none")
         rows.append(_site_row(s, None, reason, None))
-    note = (f"method='id': {len(narrowed)} convs in {len(rows) and sum(widths[c.name] < c.hidden for c in chains)} "
+    note = (f"method='id': {len(narrowed)} convs in {sum(widths[c.name] < c.hidden for c in chains)} "
             f"chain(s) narrowed; widths allocated by probe sensitivity (residual {_ID_PROBE})")
     return rows, note
 

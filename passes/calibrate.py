@@ -373,6 +373,15 @@ class Frontier:
             node = node.next
         raise RuntimeError(f"node {name!r} was not reached")
 
+    def rewritten(self, node: torch.fx.Node, first_input: Callable[[Tensor], Tensor]) -> None:
+        """``node``, where this frontier is paused, was changed in place: map the value of its
+        first input with ``first_input`` and re-read the attributes it already fetched."""
+        env = self.interp.env
+        env[node.args[0]] = first_input(env[node.args[0]])  # type: ignore[index]
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and a in env:
+                env[a] = self.interp.fetch_attr(str(a.target))
+
 
 def collect_moments(ref: list[Frontier], cur: list[Frontier], node_name: str, geom: ConvGeometry,
                     rows_per_batch: int = 4096, seed: int = 0) -> MomentStats:

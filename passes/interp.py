@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .convs import Site, find_sites, set_submodule
 
-__all__ = ["Chain", "ChainMoments", "find_chains", "chain_moments", "greedy_order", "refit", "prune_chain",
+__all__ = ["Chain", "ChainMoments", "find_chains", "chain_moments", "greedy_order", "refit", "refit_residual", "prune_chain",
            "chain_macs", "allocate_widths", "RIDGE"]
 
 #: Ridge added to the hidden covariance, relative to its mean diagonal. Measured on
@@ -230,6 +230,14 @@ def refit(mo: ChainMoments, keep: list[int], ridge: float = RIDGE) -> tuple[Tens
     return sol[:, :-1], sol[:, -1]
 
 
+def refit_residual(mo: ChainMoments, keep: list[int], weight: Tensor, bias: Tensor) -> float:
+    """Relative residual ``‖t − W' h_S − b'‖² / ‖t‖²`` of a refit on the data of ``mo`` (no ridge)."""
+    wa = torch.zeros_like(mo.m)
+    wa[:, keep], wa[:, -1] = weight, bias
+    resid = mo.target_energy - 2 * float((mo.m * wa).sum()) + float(((wa @ mo.g) * wa).sum())
+    return max(resid, 0.0) / max(mo.target_energy, 1e-30)
+
+
 def _set_arg(node: fx.Node, pos: int, name: str, value: object) -> None:
     """Set a conv2d call's argument, positional if it was given so, else as a keyword."""
     if len(node.args) > pos:
@@ -269,18 +277,14 @@ def prune_chain(gm: fx.GraphModule, chain: Chain, keep: list[int], weight: Tenso
     idx = torch.tensor(sorted(keep), device=chain.first.weight.device)
     pos = {c: i for i, c in enumerate(keep)}
     cols = torch.tensor([pos[int(c)] for c in idx.tolist()], device=weight.device)
-    f = chain.first
-    _set_conv(gm, f, f.weight.detach()[idx], None, None)
-    if f.bias is not None:
-        gm.get_submodule(f.fqn).bias = nn.Parameter(f.bias.detach()[idx].clone())
-    for dw in chain.depthwise:
-        _set_conv(gm, dw, dw.weight.detach()[idx], None, len(idx))
-        if dw.bias is not None:
-            gm.get_submodule(dw.fqn).bias = nn.Parameter(dw.bias.detach()[idx].clone())
+    for site, groups in [(chain.first, None), *((dw, len(idx)) for dw in chain.depthwise)]:
+        bias = site.bias.detach()[idx] if site.bias is not None else None
+        _set_conv(gm, site, site.weight.detach()[idx], bias, groups)
     for name in chain.norms:
         bn = gm.get_submodule(name)
         new = nn.BatchNorm2d(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                             track_running_stats=bn.track_running_stats, device=idx.device, dtype=f.weight.dtype)
+                             track_running_stats=bn.track_running_stats, device=idx.device,
+                             dtype=chain.first.weight.dtype)
         with torch.no_grad():
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 src = getattr(bn, attr)
