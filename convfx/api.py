@@ -427,11 +427,14 @@ def _hidden_pairs(f_ref: list[Frontier], f_cur: list[Frontier] | None, node: str
         yield h_o, (f_cur[i].run_until(node) if f_cur is not None else h_o)
 
 
-def _id_row(chain: Chain, site: Site, k: int, out_err: float | None) -> LayerReport:
+def _id_row(gm: fx.GraphModule, site: Site, widths: tuple[int, ...], out_err: float | None) -> LayerReport:
+    """Report row of a narrowed conv, costed from its current weight (a conv can be in two chains)."""
     row = _site_row(site, None, None, None, "data")
-    row.method, row.ranks, row.skipped = "id", (k,), None
-    row.macs_after = row.macs_before * k // chain.hidden
-    row.params_after = row.params_before * k // chain.hidden
+    mod = gm.get_submodule(site.fqn)
+    kept = mod.weight.numel() / site.weight.numel()  # MACs and params scale with it (same output size)
+    row.method, row.ranks, row.skipped = "id", widths, None
+    row.macs_after = int(round(row.macs_before * kept))
+    row.params_after = mod.weight.numel() + (mod.bias.numel() if getattr(mod, "bias", None) is not None else 0)
     row.output_error = out_err
     return row
 
@@ -477,14 +480,13 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
                 disc = output_discrepancy(trial(*sample), y0)
             sens[c.name] = disc / max(float(resid[k - 1]), 1e-12)
             del trial
-    per_channel = {c.name: chain_macs(c) for c in chains}
     saving = conv_before - int(math.floor(target * conv_before))
     try:
-        widths = allocate_widths({n: r for n, (_, r) in curves.items()}, sens, per_channel, saving)
+        widths = allocate_widths({n: r for n, (_, r) in curves.items()}, sens, chain_macs(chains), saving)
     except ValueError as exc:
         raise ConvfxError(f"flops_target={target} is out of reach for method='id': {exc}", where="flops_target",
                           hint="raise flops_target or use another method") from None
-    rows: list[LayerReport] = []
+    out_errs: dict[str, float] = {}
     with eval_mode(gm), eval_mode(ref), torch.no_grad():
         f_ref = [Frontier(ref, b) for b in batches]
         f_cur = [Frontier(gm, b) for b in batches]
@@ -500,14 +502,18 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
             idx = sorted(keep)
             for f in f_cur:  # paused at the narrowed conv: its hidden input loses the dropped channels
                 f.rewritten(c.last.nodes[0], lambda h: h[:, idx])
-            out_err = math.sqrt(refit_residual(mo, keep, w, b))
-            rows += [_id_row(c, s, k, out_err if s is c.last else None) for s in c.convs]
+            out_errs[c.last.fqn] = math.sqrt(refit_residual(mo, keep, w, b))
     gm.graph.lint()
     gm.recompile()
     in_chain = {s.fqn for c in chains for s in c.convs}
-    narrowed = {r.fqn for r in rows}
+    narrowed = {s.fqn: s for c in chains if widths[c.name] < c.hidden for s in c.convs}
+    rows: list[LayerReport] = []
     for s in sites:
         if s.fqn in narrowed:
+            # the hidden widths of the chains it is in, upstream first (two where chains share it)
+            ks = tuple(widths[c.name] for c in chains
+                       if widths[c.name] < c.hidden and s.fqn in {x.fqn for x in c.convs})
+            rows.append(_id_row(gm, s, ks, out_errs.get(s.fqn)))
             continue
         reason = ("flops_target allocation kept its chain at full width" if s.fqn in in_chain else
                   "method='id' narrows conv -> channel-wise ops -> 1x1 conv chains; this conv is in none")

@@ -139,8 +139,8 @@ def _narrowed_widths(gm: nn.Module, report: Any) -> dict[str, int]:
     """Hidden width of each chain that ``method="id"`` narrowed, keyed by its last conv (from the report)."""
     if not isinstance(report, Report) or not isinstance(gm, fx.GraphModule):
         return {}
-    rows = {r.fqn: r for r in report.layers if r.method == "id" and r.ranks}
-    return {c.last.fqn: int(rows[c.last.fqn].ranks[0]) for c in find_chains(gm) if c.last.fqn in rows}
+    was = {r.fqn: r.shape[1] for r in report.layers if r.method == "id"}  # original input channels
+    return {c.last.fqn: c.hidden for c in find_chains(gm) if c.hidden < was.get(c.last.fqn, 0)}
 
 
 def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
@@ -287,7 +287,10 @@ def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModul
                 "from the one the file was saved from")
     widths = spec.get("widths") or {}
     chains = {c.last.fqn: c for c in find_chains(gm, sites)}
-    for fqn, k in widths.items():
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    rank = {f: order[c.last.nodes[0].name] for f, c in chains.items()}
+    # upstream first: a chain's last conv can be the next chain's first (prune_chain slices current weights)
+    for fqn, k in sorted(widths.items(), key=lambda kv: rank.get(kv[0], -1)):
         if fqn not in chains or not 0 < int(k) <= chains[fqn].hidden:
             raise ConvfxError(f"narrowed chain {fqn!r} (width {k}) is not a chain of this model",
                               where=where, hint="the model is a different architecture from the one the file "

@@ -139,9 +139,18 @@ def find_chains(gm: fx.GraphModule, sites: list[Site] | None = None) -> list[Cha
     return chains
 
 
-def chain_macs(chain: Chain) -> int:
-    """MACs (fvcore convention) that each hidden channel of ``chain`` costs, summed over its convs."""
-    return sum(int(s.nodes[0].meta["convfx_macs"]) for s in chain.convs) // chain.hidden
+def chain_macs(chains: list[Chain]) -> list[tuple[int, tuple[str, ...]]]:
+    """Each conv of ``chains`` as (its MACs, fvcore convention; the chains it is in).
+
+    A conv can be in two chains (one's ``last``, the next one's ``first``); its MACs then
+    scale with both widths.
+    """
+    seen: dict[str, tuple[int, list[str]]] = {}
+    for c in chains:
+        for s in c.convs:
+            macs, names = seen.setdefault(s.fqn, (int(s.nodes[0].meta["convfx_macs"]), []))
+            names.append(c.name)
+    return [(macs, tuple(names)) for macs, names in seen.values()]
 
 
 @dataclass
@@ -272,14 +281,17 @@ def prune_chain(gm: fx.GraphModule, chain: Chain, keep: list[int], weight: Tenso
     """Keep only the hidden channels ``keep`` of ``chain``; ``last`` gets ``weight``/``bias``.
 
     Modules keep their names (so state-dict keys map one-to-one); the caller lints and
-    recompiles once after all chains.
+    recompiles once after all chains. Chains may share a conv (one's ``last`` is the next
+    one's ``first`` when no skip joins them): the current weights are sliced, so prune
+    them upstream first (in the order of their last convs).
     """
     idx = torch.tensor(sorted(keep), device=chain.first.weight.device)
     pos = {c: i for i, c in enumerate(keep)}
     cols = torch.tensor([pos[int(c)] for c in idx.tolist()], device=weight.device)
     for site, groups in [(chain.first, None), *((dw, len(idx)) for dw in chain.depthwise)]:
-        bias = site.bias.detach()[idx] if site.bias is not None else None
-        _set_conv(gm, site, site.weight.detach()[idx], bias, groups)
+        mod = gm.get_submodule(site.fqn)  # live weights: ``first`` may already be another chain's narrowed ``last``
+        b = mod.bias.detach()[idx] if getattr(mod, "bias", None) is not None else None
+        _set_conv(gm, site, mod.weight.detach()[idx], b, groups)
     for name in chain.norms:
         bn = gm.get_submodule(name)
         new = nn.BatchNorm2d(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
@@ -299,13 +311,21 @@ def prune_chain(gm: fx.GraphModule, chain: Chain, keep: list[int], weight: Tenso
     _set_conv(gm, last, w, bias, None)
 
 
-def allocate_widths(curves: dict[str, Tensor], sens: dict[str, float], per_channel: dict[str, int],
+def allocate_widths(curves: dict[str, Tensor], sens: dict[str, float], convs: list[tuple[int, tuple[str, ...]]],
                     saving: int) -> dict[str, int]:
     """Hidden widths that save at least ``saving`` MACs at the least ``Σ sens · residual``.
 
-    Lagrangian: each chain takes ``argmin_k sens·r(k) + λ·k·macs_per_channel``; λ is
-    bisected until the saving is reached. Widths never go below 1.
+    ``convs`` is :func:`chain_macs`: a conv's MACs scale with the product of width/hidden
+    over the chains it is in. Lagrangian: each chain takes ``argmin_k sens·r(k) + λ·k·m``
+    (``m``: its MACs per hidden channel); λ is bisected until the exact saving is reached.
+    Widths never go below 1.
     """
+    hidden = {n: r.shape[0] for n, r in curves.items()}
+    per_channel = {n: 0.0 for n in curves}
+    for macs, names in convs:
+        for n in names:
+            per_channel[n] += macs / hidden[n]
+
     def widths(lam: float) -> dict[str, int]:
         out = {}
         for name, r in curves.items():
@@ -314,9 +334,9 @@ def allocate_widths(curves: dict[str, Tensor], sens: dict[str, float], per_chann
         return out
 
     def saved(ws: dict[str, int]) -> int:
-        return sum((curves[n].shape[0] - k) * per_channel[n] for n, k in ws.items())
+        return sum(macs - round(macs * math.prod(ws[n] / hidden[n] for n in names)) for macs, names in convs)
 
-    most = sum((r.shape[0] - 1) * per_channel[n] for n, r in curves.items())
+    most = saved({n: 1 for n in curves})
     if saving > most:
         raise ValueError(f"cannot save {saving:,} MACs by removing hidden channels: at most {most:,}")
     lo, hi = 0.0, 1.0
@@ -330,5 +350,16 @@ def allocate_widths(curves: dict[str, Tensor], sens: dict[str, float], per_chann
             hi = mid
         else:
             lo = mid
-    return widths(hi)
-
+    ws = widths(hi)
+    while True:  # spend the slack that λ's jumps leave: widen where it lowers the loss most per MAC
+        best, best_rate = None, 0.0
+        for n, r in curves.items():
+            k = ws[n]
+            if k >= hidden[n] or saved({**ws, n: k + 1}) < saving:
+                continue
+            rate = sens[n] * float(r[k - 1] - r[k]) / per_channel[n]
+            if best is None or rate > best_rate:
+                best, best_rate = n, rate
+        if best is None:
+            return ws
+        ws[best] += 1

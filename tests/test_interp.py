@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import convfx
 from passes.errors import ConvfxError
 from passes.flops import annotate_macs, propagate_shapes
-from passes.interp import chain_moments, find_chains, greedy_order, prune_chain, refit
+from passes.interp import chain_moments, find_chains, greedy_order, prune_chain, refit, refit_residual
 from passes.trace import trace
 
 
@@ -25,29 +25,36 @@ class SamePadConv(nn.Conv2d):
 
 
 class Block(nn.Module):
-    def __init__(self, c: int, e: int, k: int, functional: bool) -> None:
+    """Inverted residual; with ``out`` != ``c`` it has no skip (as a stage's first block)."""
+
+    def __init__(self, c: int, e: int, k: int, functional: bool, out: int | None = None) -> None:
         super().__init__()
         conv = SamePadConv if functional else nn.Conv2d
-        h = c * e
+        h, out = c * e, out or c
+        self.skip = out == c
         self.expand = conv(c, h, 1, bias=False)
         self.bn0 = nn.BatchNorm2d(h)
         self.act = nn.ReLU6()
         self.dw = conv(h, h, k, padding=0 if functional else k // 2, groups=h, bias=False)
         self.bn1 = nn.BatchNorm2d(h)
-        self.project = conv(h, c, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
+        self.project = conv(h, out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bn2(self.project(self.act(self.bn1(self.dw(self.act(self.bn0(self.expand(x))))))))
+        y = self.bn2(self.project(self.act(self.bn1(self.dw(self.act(self.bn0(self.expand(x))))))))
+        return x + y if self.skip else y
 
 
 class Net(nn.Module):
-    def __init__(self, functional: bool = False) -> None:
+    """Two inverted residuals; ``chained``: no skips, so stem -> b1.expand and b1.project -> b2.expand are chains too."""
+
+    def __init__(self, functional: bool = False, chained: bool = False) -> None:
         super().__init__()
+        mid, out = (24, 32) if chained else (16, 16)
         self.stem = nn.Conv2d(3, 16, 3, 2, 1)
-        self.b1 = Block(16, 4, 3, functional)
-        self.b2 = Block(16, 6, 5, functional)
-        self.head = nn.Conv2d(16, 64, 1)
+        self.b1 = Block(16, 4, 3, functional, out=mid)
+        self.b2 = Block(mid, 6 if not chained else 4, 5, functional, out=out)
+        self.head = nn.Conv2d(out, 64, 1)
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +63,9 @@ class Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _net(functional: bool = False, seed: int = 0) -> Net:
+def _net(functional: bool = False, seed: int = 0, chained: bool = False) -> Net:
     torch.manual_seed(seed)
-    m = Net(functional).eval()
+    m = Net(functional, chained).eval()
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.running_mean.uniform_(-0.1, 0.1)
@@ -104,15 +111,24 @@ def test_find_chains_takes_inverted_residuals_and_nothing_shared(functional: boo
     ]  # stem -> relu -> b1.expand is not one: the stem's output also feeds b1's skip
 
 
-@pytest.mark.parametrize("functional", [False, True])
-def test_full_width_in_any_order_is_exact(functional: bool) -> None:
-    m = _net(functional)
+def test_chains_share_a_conv_where_no_skip_joins_them() -> None:
+    chains = find_chains(_traced(_net(chained=True)))
+    assert [(c.first.fqn, c.last.fqn, c.hidden) for c in chains] == [
+        ("stem", "b1.expand", 16), ("b1.expand", "b1.project", 64), ("b1.project", "b2.expand", 24), ("b2.expand", "b2.project", 96),
+        ("b2.project", "head", 32)]
+
+
+@pytest.mark.parametrize("functional, chained", [(False, False), (True, False), (False, True), (True, True)])
+def test_full_width_in_any_order_is_exact(functional: bool, chained: bool) -> None:
+    """Chained: each chain's permutation reorders a conv that the previous one already changed."""
+    m = _net(functional, chained=chained)
     gm = _traced(m)
     x = _images(4, 1)
     for c in find_chains(gm):
         perm = torch.randperm(c.hidden, generator=torch.Generator().manual_seed(2)).tolist()
         w = c.last.weight.detach().reshape(c.last.geometry.out_channels, -1)[:, perm]
-        prune_chain(gm, c, perm, w, torch.zeros(w.shape[0]))
+        b = c.last.bias.detach() if c.last.bias is not None else torch.zeros(w.shape[0])
+        prune_chain(gm, c, perm, w, b)
     gm.graph.lint()
     gm.recompile()
     with torch.no_grad():
@@ -168,6 +184,70 @@ def test_greedy_curve_is_the_refit_residual_and_beats_slicing() -> None:
     assert measured == pytest.approx(float(resid[k - 1]), rel=1e-6, abs=1e-9)
     assert measured < 0.5 * float((target - sliced).pow(2).sum() / target.pow(2).sum())
     assert bool((resid[1:] <= resid[:-1] + 1e-12).all())  # keeping more never predicts worse
+
+
+def _output(gm: torch.fx.GraphModule, node_name: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of node ``node_name`` when ``gm`` runs on ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    class Grab(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            out = super().run_node(n)
+            if n.name == node_name:
+                seen["y"] = out  # type: ignore[assignment]
+            return out
+
+    with torch.no_grad():
+        Grab(gm).run(x)
+    return seen["y"]
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_pruned_model_computes_the_refit(functional: bool) -> None:
+    """After the rewrite, the narrowed conv's output misses the original's by the predicted residual.
+
+    ReLU6 hidden activations have a mean, so the fitted bias matters: a rewrite that dropped
+    or mixed up the bias or the column order would miss the prediction.
+    """
+    m = _net(functional)
+    ref, gm = _traced(m), _traced(m)
+    chain = find_chains(gm)[1]
+    name = chain.last.nodes[0].name
+    cal = [_images(16, s) for s in range(3)]
+    hs = [_hidden(gm, name, x) for x in cal]
+    mo = chain_moments(chain, [(h, h) for h in hs])
+    keep = greedy_order(mo, ridge=0.0)[0][:30]
+    w, b = refit(mo, keep, ridge=0.0)
+    assert float(b.abs().max()) > 1e-3
+    prune_chain(gm, chain, keep, w, b)
+    gm.recompile()
+    got = torch.cat([_output(gm, name, x) for x in cal]).double()
+    want = torch.cat([_output(ref, name, x) for x in cal]).double()
+    measured = float((got - want).pow(2).sum() / want.pow(2).sum())
+    assert measured == pytest.approx(refit_residual(mo, keep, w, b), rel=1e-4)
+    assert gm.get_submodule(chain.last.fqn).weight.shape[1] == 30
+
+
+def test_shared_conv_chains_compress_save_and_load(tmp_path) -> None:
+    """Both chains around b1.project narrowed: it loses rows and columns, reported once with both widths."""
+    m = _net(chained=True)
+    cal = [_images(16, s) for s in range(3)]
+    gm = convfx.compress(m, _images(1, 0), method="id", flops_target=0.4, calibration=cal, progress=False)
+    rep = gm.convfx_report
+    assert 0.99 * 0.4 * rep.conv_macs_before <= rep.conv_macs_after <= 0.4 * rep.conv_macs_before
+    assert rep.conv_macs_after == sum(r.macs_after for r in rep.layers)
+    assert len({r.fqn for r in rep.layers}) == len(rep.layers)
+    row = next(r for r in rep.layers if r.fqn == "b1.project")
+    k1, k2 = gm.b1.dw.weight.shape[0], gm.b2.expand.weight.shape[1]
+    assert k2 < 24, "the allocation should narrow the 24-channel chain too for this test to mean something"
+    assert gm.b1.project.weight.shape[:2] == (k2, k1) and row.ranks == tuple(k for k, full in ((k1, 64), (k2, 24)) if k < full)
+    assert row.macs_after == 16 * 16 * k1 * k2
+    back = convfx.load(convfx.save(gm, tmp_path / "id.convfx"), model=_net(chained=True, seed=3))
+    x = _images(4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), gm(x))
+        y0, y1 = m(x), gm(x)
+    assert float((y1 - y0).norm() / y0.norm()) < 0.5
 
 
 @pytest.mark.parametrize("target", [0.8, 0.6])
