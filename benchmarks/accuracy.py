@@ -14,7 +14,9 @@ One script, one machine, every method at the same conv-MAC reductions:
   ``convfx-cp`` and ``convfx-auto`` (each also ``+KD``) use ``compress(method="cp")`` or
   ``method="auto"`` (tucker or cp chosen per layer) instead of Tucker-2; ``convfx-id`` uses
   ``method="id"`` (hidden channels of inverted-residual blocks narrowed by a data-aware
-  interpolative decomposition, for EfficientNet-Lite0).
+  interpolative decomposition, for EfficientNet-Lite0), ``convfx-idr`` the same with
+  ``refine_steps=--refine-steps`` (each narrowed block then trained to reproduce the original
+  block's output on the calibration images: local and label-free, not fine-tuning).
 * **pruning**: Torch-Pruning's L1-magnitude structured channel pruning (the peer a user
   would pick), its ratio bisected to the same conv-MAC target. On the CIFAR ResNets only
   the inner channels of each block are pruned (``conv1``, ``linear`` and every block's
@@ -84,8 +86,9 @@ log = logging.getLogger("accuracy")
 
 CIFAR_MODELS = {"resnet20": 20, "resnet56": 56}
 METHODS = ("seed", "convfx", "convfx+KD", "pruning")
-#: convfx with another structure than Tucker-2 (``compress(method=...)``): convfx-cp, convfx-auto, convfx-id(+KD).
-STRUCTURES = ("cp", "auto", "id")
+#: convfx with another structure than Tucker-2 (``compress(method=...)``): convfx-cp, convfx-auto, convfx-id(+KD);
+#: convfx-idr is method="id" with ``refine_steps=--refine-steps``.
+STRUCTURES = ("cp", "auto", "id", "idr")
 ALL_METHODS = METHODS + tuple(f"convfx-{s}{kd}" for s in STRUCTURES for kd in ("", "+KD"))
 LABELS = {
     "seed": "seed: Tucker-2, data-free (uniform ranks; VBMF point)",
@@ -98,6 +101,8 @@ LABELS = {
     "convfx-auto+KD": "convfx auto + distillation",
     "convfx-id": "convfx: method=id (data-aware hidden-channel ID) + flops_target",
     "convfx-id+KD": "convfx id + distillation",
+    "convfx-idr": "convfx: method=id + refine_steps (each narrowed chain refined by local, label-free gradient steps)",
+    "convfx-idr+KD": "convfx id refined + distillation",
 }
 
 
@@ -349,9 +354,11 @@ def plot(res: Results, path: Path) -> None:
     axes = fig.subplots(len(panels), len(models), squeeze=False)
     colors = {"seed": "tab:gray", "convfx": "tab:blue", "convfx+KD": "tab:green", "pruning": "tab:red",
               "convfx-cp": "tab:cyan", "convfx-cp+KD": "tab:olive", "convfx-auto": "tab:purple",
-              "convfx-auto+KD": "tab:brown", "convfx-id": "tab:orange", "convfx-id+KD": "tab:pink"}
+              "convfx-auto+KD": "tab:brown", "convfx-id": "tab:orange", "convfx-id+KD": "tab:pink",
+              "convfx-idr": "darkred", "convfx-idr+KD": "navy"}
     markers = {"seed": "s", "convfx": "o", "convfx+KD": "D", "pruning": "v", "convfx-cp": "^", "convfx-cp+KD": "<",
-               "convfx-auto": "P", "convfx-auto+KD": "X", "convfx-id": "h", "convfx-id+KD": "p"}
+               "convfx-auto": "P", "convfx-auto+KD": "X", "convfx-id": "h", "convfx-id+KD": "p", "convfx-idr": "d",
+               "convfx-idr+KD": "8"}
     handles: dict[str, Any] = {}
     for row, (attr, what) in enumerate(panels):
         for col, model in enumerate(models):
@@ -478,10 +485,12 @@ class Bench:
                                   example, target_macs, 0.02, 1.0, increasing=True)
                 note = f"uniform rank fraction {p:.3f}"
             elif (how := structure(method)) is not None:
-                model = convfx.compress(original, example, method=how, flops_target=1 / target,
-                                        calibration=calib, progress=False)
+                steps = self.a.refine_steps if how == "idr" else 0
+                model = convfx.compress(original, example, method="id" if how == "idr" else how,
+                                        flops_target=1 / target, calibration=calib, refine_steps=steps,
+                                        progress=False)
                 kept = [n.rsplit("kept ", 1)[1] for n in model.convfx_report.notes if "; kept " in n]
-                note = f"allocation: {kept[0]} sensitivities" if kept else ""
+                note = f"allocation: {kept[0]} sensitivities" if kept else f"refine_steps {steps}" if steps else ""
             else:
                 model, p = bisect(lambda r: prune(original, r, example, ignored), example, target_macs,
                                   0.0, 0.95, increasing=False)
@@ -734,6 +743,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "for the CIFAR ResNets, auto for EfficientNet-Lite0)")
     ap.add_argument("--calib-images", type=int, default=1000, help="CIFAR train images for calibration + BN")
     ap.add_argument("--lite-calib", type=int, default=300, help="imagenet-val-1300 images for calibration")
+    ap.add_argument("--refine-steps", type=int, default=300,
+                    help="compress(refine_steps=) for the convfx-idr rows (default: %(default)s)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)

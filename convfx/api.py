@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from passes.convs import Site, SkippedLayer, find_sites, set_submodule
@@ -25,8 +26,8 @@ from passes.calibrate import (SHRINK, Frontier, bn_output_scale, channel_stats, 
 from passes.decompose import relative_error
 from passes.factors import METHODS, FactorPlan, decompose_weights, factor_cost, max_ranks, original_cost
 from passes.flops import annotate_macs, eval_mode, fvcore_macs, propagate_shapes
-from passes.interp import (Chain, allocate_widths, chain_macs, chain_moments, find_chains, greedy_order, prune_chain,
-                           refit, refit_residual)
+from passes.interp import (Chain, allocate_widths, chain_graph, chain_macs, chain_moments, find_chains, greedy_order,
+                           prune_chain, refine_chain, refit, refit_residual)
 from passes.ranks import COMPRESS_METHODS, RankSpec, layer_method, select_ranks, skip_reason, validate_rank_spec
 from passes.rewrite import factorize_sites
 from passes.trace import TraceResult, is_plain_conv, trace
@@ -427,6 +428,13 @@ def _hidden_pairs(f_ref: list[Frontier], f_cur: list[Frontier] | None, node: str
         yield h_o, (f_cur[i].run_until(node) if f_cur is not None else h_o)
 
 
+_ID_BN_SCALE = True
+
+
+def _id_scale(gm: fx.GraphModule, chain: Chain) -> torch.Tensor | None:
+    return bn_output_scale(gm, chain.last.nodes[0]) if _ID_BN_SCALE else None
+
+
 def _id_row(gm: fx.GraphModule, site: Site, widths: tuple[int, ...], out_err: float | None) -> LayerReport:
     """Report row of a narrowed conv, costed from its current weight (a conv can be in two chains)."""
     row = _site_row(site, None, None, None, "data")
@@ -440,13 +448,17 @@ def _id_row(gm: fx.GraphModule, site: Site, widths: tuple[int, ...], out_err: fl
 
 
 def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], batches: list[tuple[Any, ...]],
-                 target: float, conv_before: int, progress: bool) -> tuple[list[LayerReport], str]:
+                 target: float, conv_before: int, progress: bool, refine_steps: int = 0
+                 ) -> tuple[list[LayerReport], str]:
     """method="id": allocate hidden widths to the FLOP budget, then prune and refit chain by chain.
 
     Each chain's residual-vs-width curve comes from the original model's activations; its
     sensitivity from one probe (the chain alone at residual ``_ID_PROBE``, output
     discrepancy on the first calibration images). The fit then runs in order on the
-    already-pruned prefix, so each chain also absorbs what its predecessors changed.
+    already-pruned prefix, so each chain also absorbs what its predecessors changed. With
+    ``refine_steps``, each narrowed chain is then trained (all its weights, a local label-free
+    loss, :func:`passes.interp.refine_chain`) to reproduce the original chain's output; this
+    holds one chain's input and output activations over the calibration set at a time.
     """
     from tqdm.auto import tqdm
 
@@ -462,7 +474,7 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
     with eval_mode(ref), torch.no_grad():
         f_ref = [Frontier(ref, b) for b in batches]
         for c in tqdm(chains, desc="id: curves", **bar):
-            moments[c.name] = chain_moments(c, _hidden_pairs(f_ref, None, c.last.nodes[0].name))
+            moments[c.name] = chain_moments(c, _hidden_pairs(f_ref, None, c.last.nodes[0].name), _id_scale(gm, c))
             curves[c.name] = greedy_order(moments[c.name])
         sample = _first_images(batches, _SENSITIVITY_IMAGES)
         y0 = ref(*sample)
@@ -494,15 +506,28 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
             k = widths[c.name]
             if k >= c.hidden:
                 continue
-            node = c.last.nodes[0].name
-            mo = chain_moments(c, _hidden_pairs(f_ref, f_cur, node))
+            last = c.last.nodes[0]
+            x_in = [f.run_until(c.first.nodes[0].name) for f in f_cur] if refine_steps else []
+            scale = _id_scale(gm, c)
+            mo = chain_moments(c, _hidden_pairs(f_ref, f_cur, last.name), scale)
             keep = greedy_order(mo)[0][:k]
             w, b = refit(mo, keep)
             prune_chain(gm, c, keep, w, b)
-            idx = sorted(keep)
-            for f in f_cur:  # paused at the narrowed conv: its hidden input loses the dropped channels
-                f.rewritten(c.last.nodes[0], lambda h: h[:, idx])
-            out_errs[c.last.fqn] = math.sqrt(refit_residual(mo, keep, w, b))
+            if not refine_steps:
+                idx = sorted(keep)
+                for f in f_cur:  # paused at the narrowed conv: its hidden input loses the dropped channels
+                    f.rewritten(last, lambda h: h[:, idx])
+                out_errs[c.last.fqn] = math.sqrt(refit_residual(mo, keep, w, b))
+                continue
+            w0 = c.last.weight.detach()  # the original's (the site was found before any rewrite)
+            b0 = c.last.bias.detach() if c.last.bias is not None else None
+            targets = torch.cat([F.conv2d(f.run_until(last.name), w0, b0) for f in f_ref])
+            err = refine_chain(chain_graph(gm, c), torch.cat(x_in), targets, scale, refine_steps)
+            del targets
+            hidden = chain_graph(gm, c, end=last.args[0])
+            for f, x in zip(f_cur, x_in):  # the chain's weights all moved: recompute the paused input
+                f.rewritten(last, lambda _h, x=x: hidden(x))
+            out_errs[c.last.fqn] = math.sqrt(err)
     gm.graph.lint()
     gm.recompile()
     in_chain = {s.fqn for c in chains for s in c.convs}
@@ -520,6 +545,11 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
         rows.append(_site_row(s, None, reason, None))
     note = (f"method='id': {len(narrowed)} convs in {sum(widths[c.name] < c.hidden for c in chains)} "
             f"chain(s) narrowed; widths allocated by probe sensitivity (residual {_ID_PROBE})")
+    if refine_steps:
+        note += f"; each narrowed chain refined by {refine_steps} local gradient steps on the calibration data"
+    elif any(widths[c.name] < c.hidden for c in chains):
+        note += "; least-squares refit only (refine_steps=0)"
+
     return rows, note
 
 
@@ -536,6 +566,7 @@ def compress(
     rank_multiple: int = 1,
     calibration_batches: int | None = None,
     calibration_shrink: float = SHRINK,
+    refine_steps: int = 0,
     progress: bool = True,
 ) -> fx.GraphModule:
     """Replace the convolutions of ``model`` by low-rank factorizations.
@@ -577,6 +608,11 @@ def compress(
             ``calibration_shrink`` x (the calibration energy) of isotropic inputs were added
             (:meth:`passes.calibrate.MomentStats.shrunk`). A few hundred images otherwise
             over-fit the directions they barely excite. 0 is the pure data fit.
+        refine_steps: with ``method="id"``, after each chain's least-squares refit, train all
+            of the narrowed chain's weights for this many Adam steps to reproduce the original
+            chain's (BN-scaled) output on the calibration activations: a local, label-free fit,
+            not fine-tuning (:func:`passes.interp.refine_chain`). On EfficientNet-Lite0 300 steps
+            about halve the output KL to the original. 0 (default) keeps the refit alone.
         progress: show a progress bar while fitting layers.
 
     Example:
@@ -596,6 +632,10 @@ def compress(
             raise ValueError("rank: pass either rank or flops_target, not both (flops_target allocates ranks)")
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple: expected a positive int, got {rank_multiple!r}")
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"refine_steps: expected an int >= 0, got {refine_steps!r}")
+    if refine_steps and method != "id":
+        raise ValueError(f"refine_steps: only method='id' refines by gradient steps (method={method!r})")
     if isinstance(calibration_shrink, bool) or not isinstance(calibration_shrink, (int, float)) \
             or not math.isfinite(calibration_shrink) or calibration_shrink < 0:
         raise ValueError(f"calibration_shrink: expected a finite number >= 0, got {calibration_shrink!r}")
@@ -637,7 +677,8 @@ def compress(
             raise ValueError("calibration: method='id' refits each chain's last conv on data; pass calibration=...")
         if rank_multiple > 1:
             raise ValueError("rank_multiple: not supported with method='id' (widths are allocated per channel)")
-        id_rows, id_note = _compress_id(gm, ref, chosen, batches, float(flops_target), conv_before, progress)
+        id_rows, id_note = _compress_id(gm, ref, chosen, batches, float(flops_target), conv_before, progress,
+                                        refine_steps)
         rows += id_rows
         chosen, allocations = [], [("", {})]
     elif flops_target is not None:

@@ -208,6 +208,8 @@ def test_bad_flags_give_usage_and_exit_2(argv: list[str], capsys: pytest.Capture
     (["compress", "--arch", "cifar_resnet20", "-d", "id", "--flops-target", "0.7"], "method='id' refits"),
     (["decomp", "-p", "{data}", "--arch", "cifar_resnet20", "--dataset", "imagefolder-classlist"],
      "needs --class-list"),
+    (["decomp", "-p", "{data}", "--arch", "cifar_resnet20", "-d", "tucker", "--refine-steps", "10", "-v"],
+     "refine_steps: only method='id'"),
 ])
 def test_library_errors_are_one_clear_line(argv: list[str], message: str, data_root: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str],

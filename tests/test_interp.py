@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import convfx
 from passes.errors import ConvfxError
 from passes.flops import annotate_macs, propagate_shapes
-from passes.interp import chain_moments, find_chains, greedy_order, prune_chain, refit, refit_residual
+from passes.interp import (chain_graph, chain_moments, find_chains, greedy_order, prune_chain, refine_chain, refit,
+                           refit_residual)
 from passes.trace import trace
 
 
@@ -46,7 +47,8 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    """Two inverted residuals; ``chained``: no skips, so stem -> b1.expand and b1.project -> b2.expand are chains too."""
+    """Two inverted residuals; ``chained``: no skips, so stem -> b1.expand, b1.project -> b2.expand
+    and b2.project -> head are chains too."""
 
     def __init__(self, functional: bool = False, chained: bool = False) -> None:
         super().__init__()
@@ -114,7 +116,8 @@ def test_find_chains_takes_inverted_residuals_and_nothing_shared(functional: boo
 def test_chains_share_a_conv_where_no_skip_joins_them() -> None:
     chains = find_chains(_traced(_net(chained=True)))
     assert [(c.first.fqn, c.last.fqn, c.hidden) for c in chains] == [
-        ("stem", "b1.expand", 16), ("b1.expand", "b1.project", 64), ("b1.project", "b2.expand", 24), ("b2.expand", "b2.project", 96),
+        ("stem", "b1.expand", 16), ("b1.expand", "b1.project", 64), ("b1.project", "b2.expand", 24),
+        ("b2.expand", "b2.project", 96),
         ("b2.project", "head", 32)]
 
 
@@ -228,6 +231,62 @@ def test_pruned_model_computes_the_refit(functional: bool) -> None:
     assert gm.get_submodule(chain.last.fqn).weight.shape[1] == 30
 
 
+@pytest.mark.parametrize("functional", [False, True])
+def test_chain_graph_is_the_chain_and_refine_recovers_a_reachable_target(functional: bool) -> None:
+    """chain_graph computes the last conv's output from the chain's input; refine_chain, started
+    from a perturbed narrowed chain whose exact solution exists (duplicated channels), gets back
+    to it, training ``gm``'s own weights."""
+    m = _net(functional)
+    blk = m.b1
+    with torch.no_grad():
+        blk.expand.weight[32:] = blk.expand.weight[:32]
+        blk.dw.weight[32:] = blk.dw.weight[:32]
+        for bn in (blk.bn0, blk.bn1):
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[32:] = t[:32]
+    gm = _traced(m)
+    chain = find_chains(gm)[0]
+    first, last = chain.first.nodes[0], chain.last.nodes[0]
+    xs = torch.cat([_images(16, s) for s in range(2)])
+    x_in = _hidden(gm, first.name, xs)
+    target = _output(gm, last.name, xs)
+    torch.testing.assert_close(chain_graph(gm, chain)(x_in), target)
+    w = chain.last.weight.detach().reshape(16, 64)
+    keep = list(range(32))
+    prune_chain(gm, chain, keep, w[:, :32] + w[:, 32:] + 0.3 * torch.randn(16, 32), torch.zeros(16))
+    gm.recompile()
+    sub = chain_graph(gm, chain)
+    with torch.no_grad():
+        before = float((sub(x_in) - target).pow(2).sum() / target.pow(2).sum())
+    after = refine_chain(sub, x_in, target, None, steps=300, lr=1e-2)
+    assert after < before / 20
+    with torch.no_grad():
+        y = _output(gm, last.name, xs)
+    assert float((y - target).pow(2).sum() / target.pow(2).sum()) == pytest.approx(after, rel=1e-3)
+    assert not any(p.grad is not None for p in gm.parameters())
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_refine_steps_lower_the_output_error_and_are_deterministic(chained: bool) -> None:
+    """Each chain's own (local) output error drops; the widths stay those of the allocation."""
+    m = _net(functional=chained, chained=chained)
+    cal = [_images(16, s) for s in range(3)]
+
+    def run(steps: int) -> torch.fx.GraphModule:
+        return convfx.compress(m, _images(1, 0), method="id", flops_target=0.45, calibration=cal, refine_steps=steps,
+                               progress=False)
+
+    plain, refined, again = run(0), run(100), run(100)
+    err = {id(g): {r.fqn: r.output_error for r in g.convfx_report.layers if r.output_error} for g in (plain, refined)}
+    assert err[id(plain)].keys() == err[id(refined)].keys() and err[id(plain)]
+    assert all(err[id(refined)][k] <= err[id(plain)][k] * (1 + 1e-6) for k in err[id(plain)])  # never worse
+    assert sum(err[id(refined)].values()) < 0.99 * sum(err[id(plain)].values())
+    assert [r.ranks for r in plain.convfx_report.layers] == [r.ranks for r in refined.convfx_report.layers]
+    assert "refined by 100 local gradient steps" in refined.convfx_report.notes[-1]
+    sa, sb = refined.state_dict(), again.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_shared_conv_chains_compress_save_and_load(tmp_path) -> None:
     """Both chains around b1.project narrowed: it loses rows and columns, reported once with both widths."""
     m = _net(chained=True)
@@ -240,7 +299,8 @@ def test_shared_conv_chains_compress_save_and_load(tmp_path) -> None:
     row = next(r for r in rep.layers if r.fqn == "b1.project")
     k1, k2 = gm.b1.dw.weight.shape[0], gm.b2.expand.weight.shape[1]
     assert k2 < 24, "the allocation should narrow the 24-channel chain too for this test to mean something"
-    assert gm.b1.project.weight.shape[:2] == (k2, k1) and row.ranks == tuple(k for k, full in ((k1, 64), (k2, 24)) if k < full)
+    assert gm.b1.project.weight.shape[:2] == (k2, k1)
+    assert row.ranks == tuple(k for k, full in ((k1, 64), (k2, 24)) if k < full)
     assert row.macs_after == 16 * 16 * k1 * k2
     back = convfx.load(convfx.save(gm, tmp_path / "id.convfx"), model=_net(chained=True, seed=3))
     x = _images(4, 5)
@@ -287,6 +347,8 @@ def test_dataloader_and_generator_give_the_same_widths_and_weights() -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
+    ({"flops_target": 0.7, "calibration": "cal", "refine_steps": -1}, "refine_steps"),
+    ({"flops_target": 0.7, "calibration": "cal", "refine_steps": 2.5}, "refine_steps"),
     ({"flops_target": None, "calibration": "cal"}, "flops_target"),
     ({"flops_target": 0.7, "calibration": None}, "calibration"),
     ({"flops_target": 0.7, "calibration": "cal", "rank_multiple": 8}, "rank_multiple"),
@@ -318,3 +380,8 @@ def test_saved_id_model_loads_with_the_same_outputs(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(x), gm(x))
     assert back.convfx_report.conv_macs_after == gm.convfx_report.conv_macs_after
+
+
+def test_refine_steps_belong_to_method_id() -> None:
+    with pytest.raises(ValueError, match=r"refine_steps: only method='id'.*tucker"):
+        convfx.compress(_net(), _images(1, 0), method="tucker", rank=0.5, refine_steps=10, progress=False)
