@@ -428,13 +428,6 @@ def _hidden_pairs(f_ref: list[Frontier], f_cur: list[Frontier] | None, node: str
         yield h_o, (f_cur[i].run_until(node) if f_cur is not None else h_o)
 
 
-_ID_BN_SCALE = True
-
-
-def _id_scale(gm: fx.GraphModule, chain: Chain) -> torch.Tensor | None:
-    return bn_output_scale(gm, chain.last.nodes[0]) if _ID_BN_SCALE else None
-
-
 def _id_row(gm: fx.GraphModule, site: Site, widths: tuple[int, ...], out_err: float | None) -> LayerReport:
     """Report row of a narrowed conv, costed from its current weight (a conv can be in two chains)."""
     row = _site_row(site, None, None, None, "data")
@@ -474,7 +467,7 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
     with eval_mode(ref), torch.no_grad():
         f_ref = [Frontier(ref, b) for b in batches]
         for c in tqdm(chains, desc="id: curves", **bar):
-            moments[c.name] = chain_moments(c, _hidden_pairs(f_ref, None, c.last.nodes[0].name), _id_scale(gm, c))
+            moments[c.name] = chain_moments(c, _hidden_pairs(f_ref, None, c.last.nodes[0].name))
             curves[c.name] = greedy_order(moments[c.name])
         sample = _first_images(batches, _SENSITIVITY_IMAGES)
         y0 = ref(*sample)
@@ -508,8 +501,7 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
                 continue
             last = c.last.nodes[0]
             x_in = [f.run_until(c.first.nodes[0].name) for f in f_cur] if refine_steps else []
-            scale = _id_scale(gm, c)
-            mo = chain_moments(c, _hidden_pairs(f_ref, f_cur, last.name), scale)
+            mo = chain_moments(c, _hidden_pairs(f_ref, f_cur, last.name))
             keep = greedy_order(mo)[0][:k]
             w, b = refit(mo, keep)
             prune_chain(gm, c, keep, w, b)
@@ -522,7 +514,7 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
             w0 = c.last.weight.detach()  # the original's (the site was found before any rewrite)
             b0 = c.last.bias.detach() if c.last.bias is not None else None
             targets = torch.cat([F.conv2d(f.run_until(last.name), w0, b0) for f in f_ref])
-            err = refine_chain(chain_graph(gm, c), torch.cat(x_in), targets, scale, refine_steps)
+            err = refine_chain(chain_graph(gm, c), torch.cat(x_in), targets, refine_steps)
             del targets
             hidden = chain_graph(gm, c, end=last.args[0])
             for f, x in zip(f_cur, x_in):  # the chain's weights all moved: recompute the paused input

@@ -258,7 +258,7 @@ def test_chain_graph_is_the_chain_and_refine_recovers_a_reachable_target(functio
     sub = chain_graph(gm, chain)
     with torch.no_grad():
         before = float((sub(x_in) - target).pow(2).sum() / target.pow(2).sum())
-    after = refine_chain(sub, x_in, target, None, steps=300, lr=1e-2)
+    after = refine_chain(sub, x_in, target, steps=300, lr=1e-2)
     assert after < before / 20
     with torch.no_grad():
         y = _output(gm, last.name, xs)
