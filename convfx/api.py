@@ -523,14 +523,15 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
     gm.graph.lint()
     gm.recompile()
     in_chain = {s.fqn for c in chains for s in c.convs}
-    narrowed = {s.fqn: s for c in chains if widths[c.name] < c.hidden for s in c.convs}
+    narrowed: dict[str, list[int]] = {}  # conv -> hidden widths of its narrowed chains, upstream first
+    for c in chains:
+        if widths[c.name] < c.hidden:
+            for s in c.convs:
+                narrowed.setdefault(s.fqn, []).append(widths[c.name])
     rows: list[LayerReport] = []
     for s in sites:
         if s.fqn in narrowed:
-            # the hidden widths of the chains it is in, upstream first (two where chains share it)
-            ks = tuple(widths[c.name] for c in chains
-                       if widths[c.name] < c.hidden and s.fqn in {x.fqn for x in c.convs})
-            rows.append(_id_row(gm, s, ks, out_errs.get(s.fqn)))
+            rows.append(_id_row(gm, s, tuple(narrowed[s.fqn]), out_errs.get(s.fqn)))
             continue
         reason = ("flops_target allocation kept its chain at full width" if s.fqn in in_chain else
                   "method='id' narrows conv -> channel-wise ops -> 1x1 conv chains; this conv is in none")
@@ -541,7 +542,6 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
         note += f"; each narrowed chain refined by {refine_steps} local gradient steps on the calibration data"
     elif any(widths[c.name] < c.hidden for c in chains):
         note += "; least-squares refit only (refine_steps=0)"
-
     return rows, note
 
 
@@ -602,7 +602,7 @@ def compress(
             over-fit the directions they barely excite. 0 is the pure data fit.
         refine_steps: with ``method="id"``, after each chain's least-squares refit, train all
             of the narrowed chain's weights for this many Adam steps to reproduce the original
-            chain's (BN-scaled) output on the calibration activations: a local, label-free fit,
+            chain's output on the calibration activations: a local, label-free fit,
             not fine-tuning (:func:`passes.interp.refine_chain`). On EfficientNet-Lite0 300 steps
             about halve the output KL to the original. 0 (default) keeps the refit alone.
         progress: show a progress bar while fitting layers.
