@@ -218,12 +218,13 @@ def _rebalanced(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return u2 * root, (root[:, None] * vh2) @ q.T
 
 
-def bn_output_scale(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tensor | None:
+def bn_output_scale(gm: torch.fx.GraphModule, node: torch.fx.Node, signed: bool = False) -> Tensor | None:
     """|γ| / sqrt(var + eps) of the BatchNorm that alone consumes ``node``'s output, if any.
 
     Why: BN rescales every output channel to unit variance, so a low-variance channel
     matters as much as a loud one; fitting and allocating in the BN-normalized metric
-    stops rank cuts from silently erasing quiet channels.
+    stops rank cuts from silently erasing quiet channels. ``signed`` keeps γ's sign (the
+    BN's actual slope, for mapping a change after it back to before it).
     """
     users = list(node.users)
     if len(users) != 1 or users[0].op != "call_module":
@@ -236,7 +237,10 @@ def bn_output_scale(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tensor | N
         scale = scale * bn.weight.detach().to(torch.float64).abs()
     if not bool(torch.isfinite(scale).all()) or float(scale.max()) <= 0:
         return None
-    return scale.clamp_min(float(scale.max()) * 1e-6)
+    scale = scale.clamp_min(float(scale.max()) * 1e-6)
+    if signed and bn.weight is not None:
+        scale = torch.where(bn.weight.detach() < 0, -scale, scale)
+    return scale
 
 
 def _channel_cov(st: MomentStats, cin: int) -> Tensor:
@@ -372,6 +376,13 @@ class Frontier:
             self.last = node
             node = node.next
         raise RuntimeError(f"node {name!r} was not reached")
+
+    def value(self, name: str) -> Tensor | None:
+        """The held value of the node called ``name``, if it was computed and is still needed."""
+        for node, v in self.interp.env.items():
+            if node.name == name:
+                return v  # type: ignore[return-value]
+        return None
 
     def rewritten(self, node: torch.fx.Node, first_input: Callable[[Tensor], Tensor]) -> None:
         """``node``, where this frontier is paused, was changed in place: map the value of its

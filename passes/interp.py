@@ -32,11 +32,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .calibrate import bn_output_scale
 from .convs import Site, find_sites, set_submodule
 
 __all__ = ["Chain", "ChainMoments", "find_chains", "chain_moments", "greedy_order", "refit", "refit_residual",
-           "prune_chain", "chain_macs", "allocate_widths", "chain_graph", "refine_chain", "RIDGE", "REFINE_LR",
-           "REFINE_BATCH"]
+           "prune_chain", "chain_macs", "allocate_widths", "chain_graph", "refine_chain", "skip_join", "RIDGE",
+           "REFINE_LR", "REFINE_BATCH"]
 
 #: Adam learning rate (cosine-decayed to 0) and images per step of :func:`refine_chain`. On
 #: EfficientNet-Lite0 at 1.3x (H200 sweep, 700 report images): output KL to the original
@@ -173,12 +174,44 @@ class ChainMoments:
     target_energy: float
 
 
+_ADDS = {operator.add, torch.add, operator.iadd}
+
+
+def skip_join(gm: fx.GraphModule, chain: Chain) -> tuple[fx.Node, Tensor] | None:
+    """The residual ``add`` that ``chain``'s output joins, as (the skip operand, per-channel scale).
+
+    Why: where a block ends in ``x + BN(last(h))``, the prefix's error on ``x`` passes the
+    block untouched unless ``last`` cancels it. Its refit can: the target for ``last``'s
+    output becomes ``t + (x_original − x_current) / a``, with ``a`` the eval BatchNorm's
+    per-channel scale (1 without one). None where no such add follows (nothing to cancel).
+    """
+    node = chain.last.nodes[0]
+    scale = bn_output_scale(gm, node, signed=True)
+    if scale is not None:
+        node = next(iter(node.users))
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    is_add = (user.op == "call_function" and user.target in _ADDS) or (user.op == "call_method" and user.target == "add")
+    if not is_add or len(user.args) != 2 or user.kwargs or not all(isinstance(a, fx.Node) for a in user.args):
+        return None
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if other is node:
+        return None
+    if scale is None:
+        scale = torch.ones(chain.last.geometry.out_channels, dtype=torch.float64)
+    return other, scale
+
+
 def _rows(h: Tensor) -> Tensor:
     return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]).double()
 
 
-def chain_moments(chain: Chain, pairs: Iterable[tuple[Tensor, Tensor]]) -> ChainMoments:
-    """Moments from (original, current) hidden activation pairs of ``chain.last``'s input.
+def chain_moments(chain: Chain, pairs: Iterable[tuple[Tensor, ...]]) -> ChainMoments:
+    """Moments from (original, current[, shift]) hidden activations of ``chain.last``'s input.
+
+    The target is the original ``last`` output on the original hidden activations, plus
+    ``shift`` (same shape as that output) where given: see :func:`skip_join`.
 
     The error is measured at ``last``'s output, before any BatchNorm. Weighting the output
     channels by that BN's ``|γ|/σ`` lowered EfficientNet-Lite0's output KL a little (1.3x:
@@ -191,12 +224,14 @@ def chain_moments(chain: Chain, pairs: Iterable[tuple[Tensor, Tensor]]) -> Chain
     g = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=w.device)
     m = torch.zeros(w.shape[0], n + 1, dtype=torch.float64, device=w.device)
     energy = 0.0
-    for h_o, h_c in pairs:
+    for h_o, h_c, *shift in pairs:
         hc = _rows(h_c)
         hc = torch.cat([hc, hc.new_ones(hc.shape[0], 1)], 1)
         t = _rows(h_o) @ w.T
         if b is not None:
             t = t + b
+        if shift and shift[0] is not None:
+            t = t + _rows(shift[0])
         g += hc.T @ hc
         m += t.T @ hc
         energy += float(t.pow(2).sum())

@@ -13,7 +13,7 @@ import convfx
 from passes.errors import ConvfxError
 from passes.flops import annotate_macs, propagate_shapes
 from passes.interp import (chain_graph, chain_moments, find_chains, greedy_order, prune_chain, refine_chain, refit,
-                           refit_residual)
+                           refit_residual, skip_join)
 from passes.trace import trace
 
 
@@ -229,6 +229,67 @@ def test_pruned_model_computes_the_refit(functional: bool) -> None:
     measured = float((got - want).pow(2).sum() / want.pow(2).sum())
     assert measured == pytest.approx(refit_residual(mo, keep, w, b), rel=1e-4)
     assert gm.get_submodule(chain.last.fqn).weight.shape[1] == 30
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_skip_join_finds_the_residual_add_and_the_bn_slope(functional: bool) -> None:
+    """Both blocks of the plain net end in ``x + bn2(project(h))``; the chained net has no add."""
+    m = _net(functional)
+    with torch.no_grad():
+        m.b2.bn2.weight[3] = -0.7  # the slope keeps γ's sign
+    gm = _traced(m)
+    for chain, blk, skip_name in zip(find_chains(gm), (m.b1, m.b2), ("relu", "add")):
+        skip, scale = skip_join(gm, chain)
+        bn = blk.bn2
+        want = bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
+        torch.testing.assert_close(scale, want)
+        assert skip.name == skip_name  # relu(stem(x)) for b1, b1's output for b2
+    chained = _traced(_net(functional, chained=True))
+    assert all(skip_join(chained, c) is None for c in find_chains(chained))
+
+
+def test_shifted_refit_is_the_least_squares_fit_of_the_shifted_target() -> None:
+    """Ground truth from lstsq: a shift moves the refit's target, channel by channel."""
+    m = _net()
+    gm = _traced(m)
+    chain = find_chains(gm)[1]
+    name = chain.last.nodes[0].name
+    hs = [_hidden(gm, name, _images(16, s)) for s in range(2)]
+    gen = torch.Generator().manual_seed(5)
+    shifts = [torch.randn(h.shape[0], 16, *h.shape[2:], generator=gen) for h in hs]
+    mo = chain_moments(chain, [(h, h, d) for h, d in zip(hs, shifts)])
+    keep = greedy_order(mo, ridge=0.0)[0][:20]
+    w, b = refit(mo, keep, ridge=0.0)
+    rows = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, chain.hidden) for h in hs]).double()
+    target = rows @ chain.last.weight.detach().reshape(16, -1).double().T
+    target = target + torch.cat([d.permute(0, 2, 3, 1).reshape(-1, 16) for d in shifts]).double()
+    a = torch.cat([rows[:, keep], rows.new_ones(rows.shape[0], 1)], 1)
+    sol = torch.linalg.lstsq(a, target).solution.T
+    torch.testing.assert_close(w, sol[:, :-1], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(b, sol[:, -1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(("functional", "steps"), [(False, 0), (True, 0), (False, 30)])
+def test_skip_targets_lower_the_block_output_error(functional: bool, steps: int, monkeypatch) -> None:
+    """With b1 narrowed, b2's input is off; b2's refit cancelling that error on its skip leaves
+    b2's block output closer to the original's (on the calibration images) than a refit of b2's
+    own conv output alone. b1's skip input (the stem) is exact, so b1 is fitted the same way.
+    With ``refine_steps`` the chain is trained towards the same shifted target."""
+    m = _net(functional)
+    x = _images(64, 3)
+    outs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(convfx.api, "SKIP_TARGETS", flag)
+        gm = convfx.compress(m, x[:1], method="id", flops_target=0.3, calibration=[x[:32], x[32:]], progress=False,
+                             refine_steps=steps)
+        outs[flag] = _output(gm, _head_input(gm), x)
+    want = _output(_traced(m), _head_input(_traced(m)), x)
+    err = {f: float((o - want).pow(2).sum() / want.pow(2).sum()) for f, o in outs.items()}
+    assert err[True] < err[False]
+
+
+def _head_input(gm: torch.fx.GraphModule) -> str:
+    return next(n for n in gm.graph.nodes if n.target == "head").args[0].name
 
 
 @pytest.mark.parametrize("functional", [False, True])
