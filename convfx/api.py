@@ -438,8 +438,8 @@ def _hidden_pairs(f_ref: list[Frontier], f_cur: list[Frontier] | None, node: str
 def _skip_shift(f_ref: Frontier, f_cur: Frontier, name: str, scale: Tensor) -> Tensor | None:
     """(original − current) value of node ``name`` held by two paused frontiers, divided by ``scale``."""
     x_o, x_c = f_ref.value(name), f_cur.value(name)
-    if x_o is None or x_c is None:
-        return None  # not computed yet at this pause (the other branch runs later)
+    if x_o is None or x_c is None or x_o.dim() < 2 or x_o.shape[1] != scale.numel():
+        return None  # not computed yet at this pause (the other branch runs later), or not a skip
     return (x_o.double() - x_c.double()).div_(scale.to(x_o.device).view(1, -1, *([1] * (x_o.dim() - 2)))).to(x_o.dtype)
 
 

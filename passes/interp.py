@@ -17,7 +17,11 @@ that most reduces the residual of the target given the channels already kept. Th
 is nested, so one pass gives the whole error-vs-width curve of a chain. Only second
 moments of the hidden activations are streamed: O(n²) memory per chain.
 
-Analysis (:func:`find_chains`, :func:`chain_moments`, :func:`greedy_order`) never mutates;
+Where the block ends in a residual add (``x + BN(W h)``), the caller can shift the target by
+``(x_original − x_current) / BN slope`` (:func:`skip_join`): the refit then reproduces the
+original *block* output, cancelling what the narrowed blocks before it changed on ``x``.
+
+Analysis (:func:`find_chains`, :func:`skip_join`, :func:`chain_moments`, :func:`greedy_order`) never mutates;
 :func:`prune_chain` is the rewrite.
 """
 from __future__ import annotations
@@ -196,8 +200,9 @@ def skip_join(gm: fx.GraphModule, chain: Chain) -> tuple[fx.Node, Tensor] | None
     if not is_add or len(user.args) != 2 or user.kwargs or not all(isinstance(a, fx.Node) for a in user.args):
         return None
     other = user.args[1] if user.args[0] is node else user.args[0]
-    if other is node:
-        return None
+    shapes = [n.meta.get("convfx_out_shape") for n in (node, other)]
+    if other is node or (None not in shapes and shapes[0] != shapes[1]):
+        return None  # x + x, or a broadcast add (a bias-like tensor, not a skip)
     if scale is None:
         scale = torch.ones(chain.last.geometry.out_channels, dtype=torch.float64)
     return other, scale
@@ -231,6 +236,9 @@ def chain_moments(chain: Chain, pairs: Iterable[tuple[Tensor, ...]]) -> ChainMom
         if b is not None:
             t = t + b
         if shift and shift[0] is not None:
+            if shift[0].shape[0] * shift[0].shape[2:].numel() != t.shape[0] or shift[0].shape[1] != t.shape[1]:
+                raise ValueError(f"chain {chain.name!r}: shift of shape {tuple(shift[0].shape)} does not match "
+                                 f"its output ({t.shape[1]} channels, {t.shape[0]} positions)")
             t = t + _rows(shift[0])
         g += hc.T @ hc
         m += t.T @ hc

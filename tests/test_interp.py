@@ -248,6 +248,39 @@ def test_skip_join_finds_the_residual_add_and_the_bn_slope(functional: bool) -> 
     assert all(skip_join(chained, c) is None for c in find_chains(chained))
 
 
+class OffsetNet(nn.Module):
+    """b1's output plus a learned per-channel offset: a broadcast add, not a skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+        self.off = nn.Parameter(torch.randn(1, 16, 1, 1, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = self.net.b1, self.net
+        y = b.bn2(b.project(b.act(b.bn1(b.dw(b.act(b.bn0(b.expand(torch.relu(n.stem(x))))))))))
+        return n.fc(torch.relu(n.head(y + self.off)).mean((2, 3)))
+
+
+def test_a_broadcast_add_is_not_a_skip_and_compresses() -> None:
+    m = OffsetNet().eval()
+    gm = _traced(m)
+    assert all(skip_join(gm, c) is None for c in find_chains(gm))
+    x = _images(64, 3)
+    out = convfx.compress(m, x[:1], method="id", flops_target=0.6, calibration=[x[:32], x[32:]], progress=False)
+    with torch.no_grad():
+        err = float((out(x) - m(x)).pow(2).sum() / m(x).pow(2).sum())
+    assert 0 < err < 0.05
+
+
+def test_a_shift_of_the_wrong_shape_is_a_clear_error() -> None:
+    gm = _traced(_net())
+    chain = find_chains(gm)[0]
+    h = _hidden(gm, chain.last.nodes[0].name, _images(4, 1))
+    with pytest.raises(ValueError, match="b1.project"):
+        chain_moments(chain, [(h, h, torch.zeros(1, 16, 1, 1))])
+
+
 def test_shifted_refit_is_the_least_squares_fit_of_the_shifted_target() -> None:
     """Ground truth from lstsq: a shift moves the refit's target, channel by channel."""
     m = _net()
