@@ -386,10 +386,13 @@ def plot(res: Results, path: Path) -> None:
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
             ax.set_xlim(left=0)
+    rows = math.ceil(len(handles) / 3)
+    legend_in = 0.2 * rows + 0.15  # room below the panels' x labels, one line per legend row
+    fig.set_figheight(fig.get_figheight() - 0.8 + legend_in)
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=3, fontsize=7.5,
                frameon=False)
     fig.suptitle(f"Top-1 vs conv MACs ({res.machine.split(',')[0]})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 0.97))
     tmp = path.with_name("." + path.name + ".tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
