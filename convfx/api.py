@@ -527,7 +527,10 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
             x_in = [f.run_until(c.first.nodes[0].name) for f in f_cur] if refine_steps else []
             join = skip_join(gm, c) if SKIP_TARGETS else None
             skip = (join[0].name, join[1]) if join is not None else None
-            mo = chain_moments(c, _hidden_pairs(f_ref, f_cur, last.name, skip))
+            pairs = _hidden_pairs(f_ref, f_cur, last.name, skip)
+            if refine_steps:  # the frontiers hold these anyway; the refine targets reuse the shifts
+                pairs = list(pairs)
+            mo = chain_moments(c, pairs)
             keep = greedy_order(mo)[0][:k]
             w, b = refit(mo, keep)
             prune_chain(gm, c, keep, w, b)
@@ -539,9 +542,9 @@ def _compress_id(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site], bat
                 continue
             w0 = c.last.weight.detach()  # the original's (the site was found before any rewrite)
             b0 = c.last.bias.detach() if c.last.bias is not None else None
-            targets = torch.cat([F.conv2d(f.run_until(last.name), w0, b0) + (0 if d is None else d)
-                                 for f, fc in zip(f_ref, f_cur)
-                                 for d in [_skip_shift(f, fc, *skip) if skip is not None else None]])
+            targets = torch.cat([F.conv2d(h_o, w0, b0) + (d[0] if d and d[0] is not None else 0)
+                                 for h_o, _, *d in pairs])
+            del pairs
             err = refine_chain(chain_graph(gm, c), torch.cat(x_in), targets, refine_steps)
             del targets
             hidden = chain_graph(gm, c, end=last.args[0])

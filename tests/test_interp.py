@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import convfx
 from passes.errors import ConvfxError
 from passes.flops import annotate_macs, propagate_shapes
-from passes.interp import (chain_graph, chain_moments, find_chains, greedy_order, prune_chain, refine_chain, refit,
+from passes.interp import (Chain, chain_graph, chain_moments, find_chains, greedy_order, prune_chain, refine_chain, refit,
                            refit_residual, skip_join)
 from passes.trace import trace
 
@@ -166,13 +166,16 @@ def test_duplicated_hidden_channels_are_dropped_exactly() -> None:
         torch.testing.assert_close(gm(x), m(x), rtol=1e-4, atol=1e-4)
 
 
+def _b2_hidden(seeds: int) -> tuple[Chain, list[torch.Tensor]]:
+    """b2's chain in a traced plain net, and its project conv's inputs on ``seeds`` batches of 16."""
+    gm = _traced(_net())
+    chain = find_chains(gm)[1]
+    return chain, [_hidden(gm, chain.last.nodes[0].name, _images(16, s)) for s in range(seeds)]
+
+
 def test_greedy_curve_is_the_refit_residual_and_beats_slicing() -> None:
     """The predicted residual equals the measured one, and the data refit beats dropping columns of W."""
-    m = _net()
-    gm = _traced(m)
-    chain = find_chains(gm)[1]
-    name = chain.last.nodes[0].name
-    hs = [_hidden(gm, name, _images(16, s)) for s in range(3)]
+    chain, hs = _b2_hidden(3)
     mo = chain_moments(chain, [(h, h) for h in hs])
     order, resid = greedy_order(mo, ridge=0.0)
     k = 40
@@ -283,11 +286,7 @@ def test_a_shift_of_the_wrong_shape_is_a_clear_error() -> None:
 
 def test_shifted_refit_is_the_least_squares_fit_of_the_shifted_target() -> None:
     """Ground truth from lstsq: a shift moves the refit's target, channel by channel."""
-    m = _net()
-    gm = _traced(m)
-    chain = find_chains(gm)[1]
-    name = chain.last.nodes[0].name
-    hs = [_hidden(gm, name, _images(16, s)) for s in range(2)]
+    chain, hs = _b2_hidden(2)
     gen = torch.Generator().manual_seed(5)
     shifts = [torch.randn(h.shape[0], 16, *h.shape[2:], generator=gen) for h in hs]
     mo = chain_moments(chain, [(h, h, d) for h, d in zip(hs, shifts)])
