@@ -196,7 +196,8 @@ def skip_join(gm: fx.GraphModule, chain: Chain) -> tuple[fx.Node, Tensor] | None
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
-    is_add = (user.op == "call_function" and user.target in _ADDS) or (user.op == "call_method" and user.target == "add")
+    is_add = ((user.op == "call_function" and user.target in _ADDS)
+              or (user.op == "call_method" and user.target == "add"))
     if not is_add or len(user.args) != 2 or user.kwargs or not all(isinstance(a, fx.Node) for a in user.args):
         return None
     other = user.args[1] if user.args[0] is node else user.args[0]

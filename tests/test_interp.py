@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import convfx
 from passes.errors import ConvfxError
 from passes.flops import annotate_macs, propagate_shapes
-from passes.interp import (Chain, chain_graph, chain_moments, find_chains, greedy_order, prune_chain, refine_chain, refit,
-                           refit_residual, skip_join)
+from passes.interp import (Chain, chain_graph, chain_moments, find_chains, greedy_order, prune_chain, refine_chain,
+                           refit, refit_residual, skip_join)
 from passes.trace import trace
 
 
