@@ -9,7 +9,7 @@ MAC convention: 1 multiply-add = 1 (fvcore). GFLOPs = 2 x MACs.
 from passes.errors import ConvfxError
 
 from . import data, zoo
-from .api import Analysis, LayerStats, analyze, compress
+from .api import Analysis, CompressOptions, LayerStats, analyze, compress
 from .report import LayerReport, Report
 from .serialize import load, load_state_dict, save, save_state_dict
 from .train import evaluate, finetune, recalibrate_bn
@@ -19,7 +19,7 @@ from .export import export
 _backend.register()  # torch.compile(model, backend="convfx")
 
 __all__ = [
-    "compress", "analyze", "Analysis", "LayerStats", "Report", "LayerReport", "ConvfxError",
+    "compress", "analyze", "CompressOptions", "Analysis", "LayerStats", "Report", "LayerReport", "ConvfxError",
     "save", "load", "save_state_dict", "load_state_dict", "evaluate", "finetune", "recalibrate_bn",
     "zoo", "data", "export",
 ]

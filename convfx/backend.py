@@ -32,12 +32,20 @@ with grad enabled while conv weights require grad therefore raises :class:`Convf
 call the compiled model under ``torch.no_grad()`` / ``torch.inference_mode()`` or after
 ``model.requires_grad_(False)``.
 
-Each compiled graph's :class:`~convfx.report.Report` is kept in :data:`REPORTS` (most recent
-last) and logged on the ``convfx`` logger.
+Reports. Each compiled graph's :class:`~convfx.report.Report` is logged on the ``convfx``
+logger and attached to the compiled callable (``convfx_report``). Dynamo keeps that callable
+to itself, so a caller that wants the reports passes ``options={"on_report": fn}``: ``fn`` is
+called with the report of each graph the backend compresses (a graph break or a recompile
+compresses another graph and reports again; a graph without convs is passed on unreported)::
+
+    reports = []
+    fast = torch.compile(model, backend="convfx", options={"rank": 0.5, "on_report": reports.append})
+
+The backend keeps no reports of its own: nothing accumulates in a long-running process.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -48,44 +56,45 @@ import torch.fx as fx
 from torch import nn
 
 from passes.errors import ConvfxError
+from passes.options import CompressOptions
 
-from .api import compress
+from .api import compress_with
 from .report import Report
 
-__all__ = ["BACKEND_NAME", "REPORTS", "BackendOptions", "convfx_backend", "register"]
+__all__ = ["BACKEND_NAME", "BackendOptions", "convfx_backend", "register"]
 
 log = logging.getLogger("convfx")
 
 BACKEND_NAME = "convfx"
 
-#: The reports of the graphs this process compiled with the backend, oldest first (capped).
-REPORTS: list[Report] = []
-_MAX_REPORTS = 64
-
 _CONV_FNS = (torch.conv2d, torch.nn.functional.conv2d)
-_OWN_KEYS = ("delegate", "delegate_options")
-_NOT_FORWARDED = ("model", "example_inputs", "inplace")
+_OWN_KEYS = ("delegate", "delegate_options", "on_report")
+_NOT_FORWARDED = ("inplace",)  # the backend compresses its own graph in place
 
 
 def _compress_keys() -> list[str]:
-    """The keyword options of :func:`convfx.compress` the backend forwards (read, not hard-coded)."""
-    return [k for k in inspect.signature(compress).parameters if k not in _NOT_FORWARDED]
+    """The :class:`CompressOptions` fields the backend takes from ``options`` (read, not hard-coded)."""
+    return [f.name for f in dataclasses.fields(CompressOptions) if f.name not in _NOT_FORWARDED]
 
 
 @dataclass
 class BackendOptions:
     """The ``options={...}`` of ``torch.compile(..., backend="convfx")``, split by destination.
 
-    Keys that :func:`convfx.compress` accepts (``method``, ``rank``, ``filter_fn``,
-    ``flops_target``, ``rank_multiple``, ...) are forwarded to it as given; ``delegate`` is
+    Keys that are :class:`~passes.options.CompressOptions` fields (``method``, ``rank``,
+    ``filter_fn``, ``flops_target``, ``rank_multiple``, ...) build the compression options,
+    checked when the options are parsed; ``delegate`` is
     the backend that compiles the compressed graph (a registered name such as
-    ``"inductor"``, ``"eager"``, ``"aot_eager"``, or a backend callable), and
-    ``delegate_options`` go to it as its own ``options`` (for inductor: config patches).
+    ``"inductor"``, ``"eager"``, ``"aot_eager"``, or a backend callable),
+    ``delegate_options`` go to it as its own ``options`` (for inductor: config patches), and
+    ``on_report`` (optional) is called with the :class:`~convfx.report.Report` of each graph
+    the backend compresses: the way to see reports, since dynamo keeps the compiled callable.
     """
 
-    compress_kwargs: dict[str, Any] = field(default_factory=dict)
+    compress: CompressOptions = field(default_factory=lambda: CompressOptions(inplace=True, progress=False))
     delegate: str | Callable[..., Any] = "inductor"
     delegate_options: dict[str, Any] = field(default_factory=dict)
+    on_report: Callable[[Report], Any] | None = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> "BackendOptions":
@@ -97,15 +106,17 @@ class BackendOptions:
                              f"some of {allowed + list(_OWN_KEYS)}")
         delegate = opts.pop("delegate", "inductor")
         delegate_options = opts.pop("delegate_options", None) or {}
+        on_report = opts.pop("on_report", None)
         if delegate == BACKEND_NAME:
             raise ValueError(f"options: delegate cannot be {BACKEND_NAME!r} itself")
         if not (isinstance(delegate, str) or callable(delegate)):
             raise ValueError(f"options: delegate must be a backend name or a callable, got {delegate!r}")
         if not isinstance(delegate_options, Mapping):
             raise ValueError(f"options: delegate_options must be a dict, got {type(delegate_options).__name__}")
-        if "progress" in allowed:
-            opts.setdefault("progress", False)  # no progress bars inside a compiler
-        return cls(opts, delegate, dict(delegate_options))
+        if on_report is not None and not callable(on_report):
+            raise ValueError(f"options: on_report must be a callable taking a Report, got {on_report!r}")
+        opts.setdefault("progress", False)  # no progress bars inside a compiler
+        return cls(CompressOptions(inplace=True, **opts), delegate, dict(delegate_options), on_report)
 
 
 @dataclass
@@ -317,7 +328,8 @@ def convfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     """Dynamo backend: compress ``gm``'s convs with :func:`convfx.compress`, then delegate.
 
     ``options``: any keyword of :func:`convfx.compress` (``method``, ``rank``, ``filter_fn``,
-    ...), plus ``delegate`` (default ``"inductor"``) and ``delegate_options``. ``mode``
+    ...), plus ``delegate`` (default ``"inductor"``), ``delegate_options`` and ``on_report``
+    (see :class:`BackendOptions`). ``mode``
     (``torch.compile``'s) is forwarded to inductor as its mode options. Only 2-d convs are
     factorized here: dynamo inlines ``nn.Linear`` into a functional call that
     :func:`convfx.compress` does not treat as a factorizable layer.
@@ -338,11 +350,13 @@ def convfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
         return _delegate(gm, inputs, opts)
 
     with torch.no_grad():
-        compressed = compress(frozen.gm, tuple(_concrete(v) for v in kept), inplace=True,
-                              **opts.compress_kwargs)
+        compressed = compress_with(frozen.gm, tuple(_concrete(v) for v in kept), opts.compress)
     report: Report = compressed.convfx_report  # type: ignore[assignment]
-    REPORTS.append(report)
-    del REPORTS[:-_MAX_REPORTS]
+    log.info("convfx backend: %d conv(s) factorized, %d skipped; conv MACs %.2fx lower",
+             len(report.factorized), len(report.skipped), report.conv_reduction)
+    log.debug("convfx backend report:\n%s", report)
+    if opts.on_report is not None:
+        opts.on_report(report)
     compiled = _delegate(compressed, kept, opts)
     keep = frozen.keep
 
@@ -358,16 +372,11 @@ def convfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
 def register() -> None:
     """Register :func:`convfx_backend` as ``"convfx"`` with dynamo; safe to call repeatedly.
 
-    When the ``torch_dynamo_backends`` entry point has already been discovered but not yet
-    loaded, dynamo registers the function itself on first use, and registering it here too
-    would make that fail as a duplicate; so this then does nothing.
+    Nothing is done when dynamo already knows the name: registered before, or declared by
+    the installed ``torch_dynamo_backends`` entry point (setup.cfg). In that case dynamo
+    loads and registers the function itself on first use, and registering it here too
+    would make that fail as a duplicate.
     """
-    from torch._dynamo.backends import registry
-
-    compilers = getattr(registry, "_COMPILER_FNS", None)
-    known = getattr(registry, "_BACKENDS", None)
-    if compilers is not None and BACKEND_NAME in compilers:
+    if BACKEND_NAME in torch._dynamo.list_backends(exclude_tags=()):
         return
-    if known is not None and known.get(BACKEND_NAME) is not None:
-        return  # a discovered entry point: dynamo loads and registers it when it is looked up
-    registry.register_backend(convfx_backend, name=BACKEND_NAME)
+    torch._dynamo.register_backend(convfx_backend, name=BACKEND_NAME)

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from passes.errors import ConvfxError
+from passes.errors import CORRUPT_FILE, STATE_DICT_MISMATCH, UNSAFE_PICKLE, ConvfxError
 
 __all__ = [
     "DIGEST_KEY",
     "atomic_save",
     "load_checkpoint",
     "load_state_dict_strict",
+    "refused_pickle_error",
     "remove_partial_saves",
 ]
 
@@ -40,6 +41,7 @@ DIGEST_KEY = "__convfx_digest__"
 
 _TMP_SUFFIX = ".tmp"
 _MAX_LISTED = 10
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -159,23 +161,37 @@ def remove_partial_saves(path: str | os.PathLike[str]) -> int:
     return removed
 
 
-def _weights_only_reason(exc: BaseException) -> str:
-    text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if m:
-        return (
-            f"refused to unpickle {m.group(1)!r}: the file contains pickled Python "
-            "objects (possibly code), and convfx only loads plain tensors and containers "
-            "(weights_only=True)"
-        )
-    return "file is corrupted or not a torch checkpoint (the unpickler found invalid data)"
+def refused_pickle_error(exc: BaseException, where: str) -> ConvfxError | None:
+    """The error for a ``weights_only=True`` load refused for pickled code, else None.
+
+    One explanation for every loader: which global the safe unpickler would not run,
+    why, and (when it is a torch or torchvision class) that the file holds a whole
+    pickled model rather than a state dict.
+    """
+    match = _GLOBAL_RE.search(str(exc))
+    if match is None:
+        return None
+    culprit = match.group(1)
+    if culprit.startswith(("torch.nn.", "torchvision.")):
+        hint = ("the file holds a whole pickled model, not a state dict; in a trusted environment "
+                "re-save it with torch.save(model.state_dict(), path)")
+    else:
+        hint = ("never load checkpoints from untrusted sources with weights_only=False; re-save "
+                "trusted ones as state dicts (torch.save(model.state_dict(), path))")
+    return ConvfxError(
+        f"refused to unpickle the file: it contains pickled code ({culprit}), and convfx only loads "
+        "plain tensors and containers (torch.load with weights_only=True)",
+        where=where, hint=hint, kind=UNSAFE_PICKLE,
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict safely (``weights_only=True``) or raise a clear error.
 
     Missing, empty, truncated, corrupted (including a digest mismatch) and
-    code-carrying files all raise :class:`ConvfxError` with ``where`` set to the path.
+    code-carrying files all raise :class:`ConvfxError` with ``where`` set to the path
+    (``kind`` :data:`~passes.errors.CORRUPT_FILE` or :data:`~passes.errors.UNSAFE_PICKLE`
+    for the damaged and the refused ones).
     """
     path = Path(path)
     where = str(path)
@@ -184,18 +200,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if path.is_dir():
         raise ConvfxError("checkpoint path is a directory, not a file", where=where)
     if path.stat().st_size == 0:
-        raise ConvfxError("checkpoint file is empty (an interrupted write?)", where=where)
+        raise ConvfxError("checkpoint file is empty (an interrupted write?)", where=where, kind=CORRUPT_FILE)
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols of foreign files; the error below is what matters.
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        refused = refused_pickle_error(exc, where)
+        if refused is not None:
+            raise refused from exc
         raise ConvfxError(
-            _weights_only_reason(exc),
-            where=where,
-            hint="never load checkpoints from untrusted sources with weights_only=False; "
-            "re-save trusted ones as state dicts",
+            "file is corrupted or not a torch checkpoint (the unpickler found invalid data)",
+            where=where, kind=CORRUPT_FILE,
         ) from exc
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -203,6 +220,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             f"checkpoint file is truncated or corrupted ({type(exc).__name__}: {first})",
             where=where,
             hint="delete it to start over, or restore an intact copy",
+            kind=CORRUPT_FILE,
         ) from exc
     if not isinstance(obj, dict):
         raise ConvfxError(f"expected a checkpoint dict, found {type(obj).__name__}", where=where)
@@ -213,6 +231,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
                 "checkpoint contents are corrupted (content digest mismatch)",
                 where=where,
                 hint="delete it to start over, or restore an intact copy",
+                kind=CORRUPT_FILE,
             )
     return obj
 
@@ -224,15 +243,21 @@ def _listing(items: list[str]) -> str:
     return shown
 
 
+def _counted(n: int, noun: str, plural: str) -> str:
+    return f"{n} {noun if n == 1 else plural}"
+
+
 def load_state_dict_strict(
-    model: nn.Module, state_dict: Mapping[str, Any], *, where: str | None = None
+    model: nn.Module, state_dict: Mapping[str, Any], *, where: str | None = None, hint: str | None = None
 ) -> None:
     """Load ``state_dict`` into ``model`` or explain exactly why it does not fit.
 
     ``nn.Module.load_state_dict`` reports shape errors one at a time and mixes them with
-    key errors; a checkpoint for a different architecture (e.g. another rank choice of a
-    factorized model) deserves one message listing missing keys, unexpected keys and
-    shape mismatches.
+    key errors; a checkpoint for a different architecture (e.g. another depth, another
+    number of classes, another rank choice of a factorized model) deserves one message
+    that counts and lists missing keys, unexpected keys and shape mismatches. ``hint``
+    replaces the default advice (a ``module.`` prefix is always pointed out). Nothing
+    is loaded when a key or a shape does not fit.
     """
     if not isinstance(state_dict, Mapping):
         raise ConvfxError(f"expected a state dict, found {type(state_dict).__name__}", where=where)
@@ -245,18 +270,22 @@ def load_state_dict_strict(
         if isinstance(v, torch.Tensor) and isinstance(theirs, torch.Tensor) and v.shape != theirs.shape:
             mismatched.append(f"{k}: checkpoint {tuple(theirs.shape)} vs model {tuple(v.shape)}")
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
-        hint = "the state dict was saved from a different architecture (or a different factorization)"
+        counts, lists = [], []
+        for items, noun, plural in ((missing, "missing key", "missing keys"),
+                                    (unexpected, "unexpected key", "unexpected keys"),
+                                    (mismatched, "shape mismatch", "shape mismatches")):
+            if items:
+                counts.append(_counted(len(items), noun, plural))
+                lists.append(f"{plural} ({len(items)}): {_listing(items)}")
+        arch = getattr(model, "convfx_arch", None)
+        name = arch if isinstance(arch, str) else type(model).__name__
         if unexpected and all(k.startswith("module.") for k in state_dict):
             hint = "the keys carry a 'module.' prefix: it was saved from a DistributedDataParallel wrapper"
+        elif hint is None:
+            hint = "the state dict was saved from a different architecture (or a different factorization)"
         raise ConvfxError(
-            "state dict does not match the model: " + "; ".join(parts), where=where, hint=hint
+            f"state dict does not match the model ({name}): {', '.join(counts)}; " + "; ".join(lists),
+            where=where, hint=hint, kind=STATE_DICT_MISMATCH,
         )
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from passes.errors import ConvfxError
+from passes.options import CompressOptions
 from passes.ranks import COMPRESS_METHODS, RankSpec, validate_rank_spec
 
 __all__ = ["main", "build_parser", "build_model", "format_table", "parse_rank", "parse_shape", "Measurement"]
@@ -171,20 +172,8 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``convfx`` argument parser (exposed for documentation and tests)."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="convfx",
-        description="Compress trained CNNs by replacing convolutions with low-rank Tucker/CP/SVD "
-                    "factorizations (a torch.fx compiler pass), then evaluate and fine-tune them.",
-        epilog="run 'convfx <command> --help' for the options of each command; "
-               "'convfx demo' needs no data or network.",
-    )
-    parser.add_argument("--version", action="version", version=f"convfx {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="command")
-
+def _add_decomp(sub: Any) -> None:
+    """The ``decomp`` command's arguments."""
     p = sub.add_parser(
         "decomp", help="the full flow: evaluate, decompose, save, fine-tune, evaluate again",
         description=textwrap.fill(
@@ -210,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refine-steps", type=_non_negative_int, default=0, metavar="K",
                    help="with -d id: train each narrowed chain for K local, label-free gradient steps to "
                         "reproduce the original chain's output on the calibration data (default: 0, "
-                        "least-squares refit only; 300 about halves EfficientNet-Lite0's output KL)")
+                        "least-squares refit only)")
     g.add_argument("-m", "--model", metavar="PATH", default=None,
                    help="an already-decomposed model saved by convfx (skips decomposition)")
     g.add_argument("-s", "--state-dict", metavar="PATH", default=None,
@@ -221,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_decomp, arch_fallback="resnet50")
 
+
+def _add_compress(sub: Any) -> None:
+    """The ``compress`` command's arguments."""
     p = sub.add_parser(
         "compress", help="decompose a model and save it (no data needed)",
         description="Decompose the convolutions of a model and save the result with convfx.save; prints the "
@@ -240,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_compress)
 
+
+def _add_eval(sub: Any) -> None:
+    """The ``eval`` command's arguments."""
     p = sub.add_parser(
         "eval", help="evaluate a saved compressed model or a plain architecture",
         description="Top-1/top-5 accuracy and loss on the validation split, plus conv MACs and parameters. "
@@ -251,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_eval, arch_fallback="resnet50")
 
+
+def _add_finetune(sub: Any) -> None:
+    """The ``finetune`` command's arguments."""
     p = sub.add_parser(
         "finetune", help="fine-tune a saved compressed model",
         description="Fine-tune a model saved by convfx (resumable; checkpoints in --out/checkpoints) and save "
@@ -264,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_finetune, weights=None, arch_fallback=None)
 
+
+def _add_report(sub: Any) -> None:
+    """The ``report`` command's arguments."""
     p = sub.add_parser(
         "report", help="print the per-layer report of a saved model, or of compressing an architecture",
         description="With MODEL: print the report stored in a convfx model file. With --arch: compress that "
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_report)
 
+
+def _add_demo(sub: Any) -> None:
+    """The ``demo`` command's arguments."""
     p = sub.add_parser(
         "demo", help="compress the bundled CIFAR-10 ResNet-20 and plot accuracy vs MACs (offline, ~2-3 min)",
         description="Runs on a fresh clone without data or network: loads the bundled pretrained CIFAR-10 "
@@ -294,6 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="fewer settings and 500 test images (~4x faster)")
     _common(p)
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``convfx`` argument parser (exposed for documentation and tests)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="convfx",
+        description="Compress trained CNNs by replacing convolutions with low-rank Tucker/CP/SVD "
+                    "factorizations (a torch.fx compiler pass), then evaluate and fine-tune them.",
+        epilog="run 'convfx <command> --help' for the options of each command; "
+               "'convfx demo' needs no data or network.",
+    )
+    parser.add_argument("--version", action="version", version=f"convfx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    _add_decomp(sub)
+    _add_compress(sub)
+    _add_eval(sub)
+    _add_finetune(sub)
+    _add_report(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -360,14 +385,16 @@ def build_model(arch: str, weights: str | None) -> nn.Module:
 
 def _load_saved(path: str, arch: str | None) -> torch.fx.GraphModule:
     """A convfx model file; ``arch`` (``--arch``) supplies the architecture when the file lacks one."""
+    from passes.errors import UNKNOWN_ARCH
+
     from . import serialize
 
     base = build_model(arch, None) if arch is not None else None  # weights come from the file
     try:
         return serialize.load(path, model=base)
     except ConvfxError as exc:
-        if "does not name its architecture" in str(exc) or "not in the convfx registry" in str(exc):
-            raise ConvfxError(exc.reason, where=exc.where,
+        if exc.kind == UNKNOWN_ARCH:
+            raise ConvfxError(exc.reason, where=exc.where, kind=exc.kind,
                               hint="pass --arch NAME (the uncompressed architecture)") from exc
         raise
 
@@ -506,7 +533,7 @@ def _resume_dir(args: argparse.Namespace, out: Path) -> tuple[Path, bool]:
 def _flow(args: argparse.Namespace, *, train: bool) -> int:
     """decomp / finetune: [build, evaluate, compress, save] or load; [fine-tune, save]; evaluate."""
     from . import serialize, zoo
-    from .api import compress
+    from .api import compress_with
     from .train import finetune
 
     out = Path(args.out)  # created once the model and data are known to be usable
@@ -540,10 +567,8 @@ def _flow(args: argparse.Namespace, *, train: bool) -> int:
         val = _loader(args, val_ds, shuffle=False)
         cols.append(_measure("original", original, val, example, args, device))
         ref = next(original.parameters())
-        gm = compress(original, example.to(ref.device), method=args.decomp, rank=args.rank,
-                      flops_target=args.flops_target, progress=_progress(args),
-                      calibration=None if calib_ds is None else _loader(args, calib_ds, shuffle=True),
-                      calibration_batches=args.calibrate, refine_steps=args.refine_steps)
+        calibration = None if calib_ds is None else _loader(args, calib_ds, shuffle=True)
+        gm = compress_with(original, example.to(ref.device), args.options.replace(calibration=calibration))
         zoo.tag_model(gm, arch=arch, normalization=zoo.normalization_of(original))
         del original
         path = serialize.save(gm, out / "decomposed.pt")
@@ -581,9 +606,22 @@ def _flow(args: argparse.Namespace, *, train: bool) -> int:
     return 0
 
 
+#: Stands for the calibration loader in options built before the data is read (the loader
+#: replaces it); an empty iterable, so that the rules about calibration apply as they will.
+_CALIBRATION_LATER: tuple[()] = ()
+
+
+def _compress_options(args: argparse.Namespace, method: str, calibrated: bool = False) -> CompressOptions:
+    """The compression options a command asks for, checked now, before any model or data is loaded."""
+    return CompressOptions(method=method, rank=args.rank, flops_target=args.flops_target,
+                           calibration=_CALIBRATION_LATER if calibrated else None,
+                           calibration_batches=getattr(args, "calibrate", None),
+                           refine_steps=getattr(args, "refine_steps", 0), progress=_progress(args))
+
+
 def _cmd_decomp(args: argparse.Namespace) -> int:
-    if args.refine_steps and args.decomp != "id" and not args.model:  # fail before any data is read
-        raise ValueError(f"refine_steps: only method='id' refines by gradient steps (method={args.decomp!r})")
+    if not args.model:
+        args.options = _compress_options(args, args.decomp, calibrated=args.calibrate is not None)
     return _flow(args, train=not args.evaluate)
 
 
@@ -616,14 +654,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from . import serialize, zoo
-    from .api import compress
+    from .api import compress_with
 
+    options = _compress_options(args, args.method)
     model = build_model(args.arch, args.weights)
     if args.state_dict:
         serialize.load_state_dict(model, args.state_dict)
     shape = args.input_shape or _default_shape(args.arch)
-    gm = compress(model, torch.randn(*shape), method=args.method, rank=args.rank, flops_target=args.flops_target,
-                  progress=_progress(args))
+    gm = compress_with(model, torch.randn(*shape), options)
     zoo.tag_model(gm, arch=args.arch, normalization=zoo.normalization_of(model))
     path = serialize.save(gm, args.output or f"{args.arch}-{args.method}.pt")
     print(gm.convfx_report.to_table())
@@ -633,7 +671,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import serialize
-    from .api import compress
+    from .api import compress_with
+    from .report import Report
 
     if (args.file is None) == (args.arch is None):
         raise ValueError("give either a saved MODEL file or --arch NAME (not both)")
@@ -642,13 +681,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if not isinstance(spec.get("report"), str):
             raise ConvfxError("the file stores no report", where=args.file,
                               hint="it was saved from a model that compress() did not produce")
-        report = serialize.report_from_json(spec["report"])
+        report = Report.from_json(spec["report"])
         title = f"{args.file} (arch {spec.get('arch') or 'unknown'})"
     else:
+        options = _compress_options(args, args.method)
         model = build_model(args.arch, args.weights)
         shape = args.input_shape or _default_shape(args.arch)
-        report = compress(model, torch.randn(*shape), method=args.method, rank=args.rank,
-                          flops_target=args.flops_target, progress=_progress(args)).convfx_report
+        report = compress_with(model, torch.randn(*shape), options).convfx_report
         budget = f"flops_target {args.flops_target}" if args.flops_target is not None else f"rank {args.rank}"
         title = f"{args.arch} compressed with {args.method}, {budget}"
     if args.json:

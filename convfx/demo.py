@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,6 +112,97 @@ def _table(rows: list[DemoRow], base_macs: int) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
 
 
+@dataclass
+class _Data:
+    """The demo's model and bundled data, loaded once."""
+
+    model: torch.nn.Module
+    test_loader: Any
+    calib_loader: Any
+    n_test: int
+    n_calib: int
+    example: torch.Tensor
+
+
+def _load(fast: bool) -> _Data:
+    from . import zoo
+    from .data import demo_data, make_loader, split_dataset
+
+    model = zoo.demo_model()
+    test, calib = demo_data(zoo.normalization_of(model))
+    if fast:
+        (test,) = split_dataset(test, [500], seed=0)
+    return _Data(model, make_loader(test, _EVAL_BATCH, shuffle=False), make_loader(calib, 100, shuffle=False),
+                 len(test), len(calib), torch.zeros(1, 3, 32, 32))  # type: ignore[arg-type]
+
+
+def _settings(fast: bool) -> list[tuple[str, float, str]]:
+    """(method, conv-MAC budget, fit) of every compressed row, in table order."""
+    targets = FAST_TARGETS if fast else TARGETS
+    runs = [("tucker", t, fit) for t in targets
+            for fit in (("data-free", "calibrated") if t == MAIN_TARGET else ("calibrated",))]
+    if not fast:
+        runs.append(("auto", AUTO_TARGET, "calibrated"))
+    return runs
+
+
+def _compress_row(d: _Data, method: str, target: float, fit: str, progress: bool
+                  ) -> tuple[DemoRow, torch.fx.GraphModule]:
+    """Compress to one budget, re-estimate BN on the calibration images, evaluate; print one line."""
+    from .api import compress
+    from .train import evaluate, recalibrate_bn
+
+    t0 = time.perf_counter()
+    label = f"{method} {target:.0%} MACs"
+    gm = compress(d.model, d.example, method=method, flops_target=target, progress=False,
+                  calibration=d.calib_loader if fit == "calibrated" else None)
+    raw = None
+    if fit == "data-free":  # what the weights alone give, before and after BN re-estimation
+        raw = evaluate(gm, d.test_loader, progress=progress, desc=f"{label} {fit}")["top1"]
+    recalibrate_bn(gm, d.calib_loader, _BN_BATCHES)
+    ev = evaluate(gm, d.test_loader, progress=progress, desc=f"{label} {fit} +BN")
+    rep = gm.convfx_report
+    row = DemoRow(label, fit, target, rep.conv_macs_after, rep.params_after, ev["top1"], ev["top5"], raw,
+                  time.perf_counter() - t0, method)
+    structures = sorted({r.method for r in rep.factorized if r.method})
+    print(f"{label}, {fit}: conv MACs {rep.conv_macs_after / 1e6:.2f}M "
+          f"({rep.conv_reduction:.2f}x fewer), top-1 {ev['top1']:.2f}% after BN re-estimation"
+          + (f" ({raw:.2f}% before)" if raw is not None else "")
+          + (f"; structures chosen: {', '.join(structures)}" if method == "auto" else ""))
+    return row, gm
+
+
+def _save_and_reload(gm: torch.fx.GraphModule, d: _Data, out: Path) -> tuple[Path, bool]:
+    """Save the main setting, load it back, and check it computes the same bits."""
+    from . import serialize, zoo
+
+    model_path = serialize.save(gm, out / _MODEL_NAME, arch="cifar_resnet20",
+                                normalization=zoo.normalization_of(d.model))
+    reloaded = serialize.load(model_path)
+    x = next(iter(d.test_loader))[0][:16]
+    with torch.no_grad():
+        identical = bool(torch.equal(gm.eval()(x), reloaded.eval()(x)))
+    return model_path, identical
+
+
+def _plot(rows: list[DemoRow], n_calib: int, n_test: int, out: Path) -> Path:
+    from .plot import Point, plot_accuracy_vs_macs
+
+    groups = {("tucker", "data-free"): ("Tucker-2, data-free + BN re-est.", (6, -14)),
+              ("tucker", "calibrated"): (f"Tucker-2, fitted on {n_calib} calibration images + BN re-est.",
+                                         (-6, 8)),
+              ("auto", "calibrated"): ("method=auto (tucker or cp per layer), calibrated + BN re-est.", (8, -14))}
+    points = [Point("original", rows[0].conv_macs, rows[0].top1, reference=True)]
+    for r in rows[1:]:
+        group, offset = groups[(r.method, r.fit)]
+        points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1, group=group, offset=offset))
+        if r.top1_raw is not None:
+            points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1_raw,
+                                group="Tucker-2, data-free, BN statistics not re-estimated"))
+    return plot_accuracy_vs_macs(points, out / _PLOT_NAME,
+                                 title=f"CIFAR-10 ResNet-20 at conv-MAC budgets: top-1 on {n_test} test images")
+
+
 def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = False, threads: int | None = None,
              progress: bool = False) -> DemoResult:
     """Run the demo, print its tables to stdout and write model, plot and JSON to ``out_dir``.
@@ -122,11 +214,8 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
     :data:`AUTO_TARGET` ``method="auto"`` (tucker or cp per layer) is shown too.
     ``fast`` uses :data:`FAST_TARGETS` and 500 test images, without the auto row.
     """
-    from . import serialize, zoo
-    from .api import analyze, compress
-    from .data import demo_data, make_loader, split_dataset
-    from .plot import Point, plot_accuracy_vs_macs
-    from .train import evaluate, recalibrate_bn
+    from .api import analyze
+    from .train import evaluate
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -136,50 +225,22 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
     torch.set_num_threads(n_threads)
     try:
         torch.manual_seed(0)
-        model = zoo.demo_model()
-        test, calib = demo_data(zoo.normalization_of(model))
-        if fast:
-            (test,) = split_dataset(test, [500], seed=0)
-        n_test, n_calib = len(test), len(calib)  # type: ignore[arg-type]
-        test_loader = make_loader(test, _EVAL_BATCH, shuffle=False)
-        calib_loader = make_loader(calib, 100, shuffle=False)
-        example = torch.zeros(1, 3, 32, 32)
-        targets = FAST_TARGETS if fast else TARGETS
-        runs = [("tucker", t, fit) for t in targets
-                for fit in (("data-free", "calibrated") if t == MAIN_TARGET else ("calibrated",))]
-        if not fast:
-            runs.append(("auto", AUTO_TARGET, "calibrated"))
-        print(f"convfx demo: pretrained CIFAR-10 ResNet-20 (bundled), {n_test} test images, "
-              f"{n_calib} calibration images (labels unused), {n_threads} CPU thread(s)")
+        d = _load(fast)
+        print(f"convfx demo: pretrained CIFAR-10 ResNet-20 (bundled), {d.n_test} test images, "
+              f"{d.n_calib} calibration images (labels unused), {n_threads} CPU thread(s)")
 
         t0 = time.perf_counter()
-        base = analyze(model, example)
-        ev = evaluate(model, test_loader, progress=progress, desc="original")
+        base = analyze(d.model, d.example)
+        ev = evaluate(d.model, d.test_loader, progress=progress, desc="original")
         rows = [DemoRow("original", "-", None, base.conv_macs, base.params, ev["top1"], ev["top5"], ev["top1"],
                         time.perf_counter() - t0, "-")]
         print(f"original: top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%, conv MACs {base.conv_macs / 1e6:.2f}M")
 
         main_gm: torch.fx.GraphModule | None = None
-        for method, target, fit in runs:
-            is_main = target == MAIN_TARGET and method == "tucker"
-            t0 = time.perf_counter()
-            label = f"{method} {target:.0%} MACs"
-            gm = compress(model, example, method=method, flops_target=target, progress=False,
-                          calibration=calib_loader if fit == "calibrated" else None)
-            raw = None
-            if fit == "data-free":  # what the weights alone give, before and after BN re-estimation
-                raw = evaluate(gm, test_loader, progress=progress, desc=f"{label} {fit}")["top1"]
-            recalibrate_bn(gm, calib_loader, _BN_BATCHES)
-            ev = evaluate(gm, test_loader, progress=progress, desc=f"{label} {fit} +BN")
-            rep = gm.convfx_report
-            rows.append(DemoRow(label, fit, target, rep.conv_macs_after, rep.params_after, ev["top1"],
-                                ev["top5"], raw, time.perf_counter() - t0, method))
-            structures = sorted({r.method for r in rep.factorized if r.method})
-            print(f"{label}, {fit}: conv MACs {rep.conv_macs_after / 1e6:.2f}M "
-                  f"({rep.conv_reduction:.2f}x fewer), top-1 {ev['top1']:.2f}% after BN re-estimation"
-                  + (f" ({raw:.2f}% before)" if raw is not None else "")
-                  + (f"; structures chosen: {', '.join(structures)}" if method == "auto" else ""))
-            if is_main and fit == "calibrated":
+        for method, target, fit in _settings(fast):
+            row, gm = _compress_row(d, method, target, fit, progress)
+            rows.append(row)
+            if target == MAIN_TARGET and method == "tucker" and fit == "calibrated":
                 main_gm = gm
         if main_gm is None:  # MAIN_TARGET not among the targets run
             main_gm = gm
@@ -195,30 +256,11 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
                 print(f"{r.label}, {r.fit}: top-1 {r.top1_raw:.2f}% -> {r.top1:.2f}% with BN re-estimation")
         print("MACs: per 32x32 image, 1 multiply-add = 1 (fvcore); GFLOPs = 2 x GMACs.")
 
-        model_path = serialize.save(main_gm, out / _MODEL_NAME, arch="cifar_resnet20",
-                                    normalization=zoo.normalization_of(model))
-        reloaded = serialize.load(model_path)
-        x = next(iter(test_loader))[0][:16]
-        with torch.no_grad():
-            identical = bool(torch.equal(main_gm.eval()(x), reloaded.eval()(x)))
-
-        groups = {("tucker", "data-free"): ("Tucker-2, data-free + BN re-est.", (6, -14)),
-                  ("tucker", "calibrated"): (f"Tucker-2, fitted on {n_calib} calibration images + BN re-est.",
-                                             (-6, 8)),
-                  ("auto", "calibrated"): ("method=auto (tucker or cp per layer), calibrated + BN re-est.", (8, -14))}
-        points = [Point("original", rows[0].conv_macs, rows[0].top1, reference=True)]
-        for r in rows[1:]:
-            group, offset = groups[(r.method, r.fit)]
-            points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1, group=group, offset=offset))
-            if r.top1_raw is not None:
-                points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1_raw,
-                                    group="Tucker-2, data-free, BN statistics not re-estimated"))
-        plot_path = plot_accuracy_vs_macs(
-            points, out / _PLOT_NAME,
-            title=f"CIFAR-10 ResNet-20 at conv-MAC budgets: top-1 on {n_test} test images")
+        model_path, identical = _save_and_reload(main_gm, d, out)
+        plot_path = _plot(rows, d.n_calib, d.n_test, out)
 
         seconds = time.perf_counter() - t_start
-        result = DemoResult(rows, model_path, plot_path, out / _RESULTS_NAME, identical, n_test, n_threads, seconds)
+        result = DemoResult(rows, model_path, plot_path, out / _RESULTS_NAME, identical, d.n_test, n_threads, seconds)
         payload = {**asdict(result), "model_path": str(model_path), "plot_path": str(plot_path),
                    "results_path": str(result.results_path),
                    "convention": "MACs per 32x32 image, 1 multiply-add = 1 (fvcore); GFLOPs = 2 x GMACs"}

@@ -25,12 +25,12 @@ import torch.fx as fx
 from torch import nn
 
 from passes.errors import ConvfxError
-from passes.flops import eval_mode
-
-__all__ = ["REPORT_FILE", "export"]
+from passes.flops import eval_mode, node_label
 
 from .api import _as_tuple
 from .checkpoint import _fsync_dir
+
+__all__ = ["REPORT_FILE", "export"]
 
 log = logging.getLogger("convfx")
 
@@ -42,12 +42,6 @@ def _batch_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """``dynamic_shapes`` marking dim 0 of every tensor input as one shared batch size."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
-
-
-def _label(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"{node.target} (call_module {type(gm.get_submodule(str(node.target))).__name__})"
-    return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
 
 
 def _node_from_traceback(gm: fx.GraphModule, err: BaseException) -> fx.Node | None:
@@ -88,11 +82,11 @@ def _culprit(model: nn.Module, err: BaseException) -> str:
     if isinstance(model, fx.GraphModule):
         node = _node_from_traceback(model, err)
         if node is not None:
-            return _label(model, node)
+            return node_label(model, node)
         text = str(err)
         for node in model.graph.nodes:  # a submodule path quoted in the message
             if node.op == "call_module" and re.search(rf"['\"`]{re.escape(str(node.target))}['\"`]", text):
-                return _label(model, node)
+                return node_label(model, node)
     return type(model).__name__
 
 

@@ -34,7 +34,6 @@ applied with ``load(path, state_dict=...)`` or :func:`load_state_dict`.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -46,15 +45,16 @@ import torch.fx as fx
 from torch import nn
 
 from passes.convs import ConvGeometry, find_sites
-from passes.errors import ConvfxError
+from passes.errors import UNKNOWN_ARCH, ConvfxError
 from passes.factors import Factorized, FactorPlan
-from passes.interp import find_chains, prune_chain
+from passes.interp import find_chains
+from passes.narrow import narrow_chains
 from passes.rewrite import factorize_sites
 from passes.trace import trace
 
 from . import zoo
 from .checkpoint import atomic_save, load_checkpoint, load_state_dict_strict
-from .report import LayerReport, Report
+from .report import Report
 
 __all__ = [
     "FORMAT",
@@ -64,7 +64,6 @@ __all__ = [
     "read_spec",
     "save_state_dict",
     "load_state_dict",
-    "report_from_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,41 +107,7 @@ def _normalization_dict(model: nn.Module, given: zoo.Normalization | None) -> di
     return None
 
 
-def _tuple_or_none(v: Any) -> tuple[int, ...] | None:
-    return None if v is None else tuple(int(i) for i in v)
-
-
-def report_from_json(text: str) -> Report:
-    """Rebuild a :class:`Report` from :meth:`Report.to_json` output (derived keys are ignored)."""
-    d = json.loads(text)
-    layers = []
-    for r in d.get("layers", []):
-        layers.append(LayerReport(
-            fqn=r["fqn"], kind=r["kind"], shape=tuple(r["shape"]), kernel=_tuple_or_none(r["kernel"]),  # type: ignore[arg-type]
-            stride=_tuple_or_none(r["stride"]), method=r["method"], ranks=_tuple_or_none(r["ranks"]),  # type: ignore[arg-type]
-            macs_before=int(r["macs_before"]), macs_after=int(r["macs_after"]),
-            params_before=int(r["params_before"]), params_after=int(r["params_after"]),
-            rel_error=r["rel_error"], skipped=r.get("skipped"), fit=r.get("fit", "weights"),
-        ))
-    return Report(
-        layers=layers, conv_macs_before=int(d["conv_macs_before"]), conv_macs_after=int(d["conv_macs_after"]),
-        total_macs_before=int(d["total_macs_before"]), total_macs_after=int(d["total_macs_after"]),
-        params_before=int(d["params_before"]), params_after=int(d["params_after"]),
-        input_shapes=[tuple(s) for s in d.get("input_shapes", [])], method=d["method"], rank=d["rank"],
-        assumptions=list(d.get("assumptions", [])), notes=list(d.get("notes", [])),
-        seconds=float(d.get("seconds", 0.0)),
-    )
-
-
 # -------------------------------------------------------------------------------- save
-def _narrowed_widths(gm: nn.Module, report: Any) -> dict[str, int]:
-    """Hidden width of each chain that ``method="id"`` narrowed, keyed by its last conv (from the report)."""
-    if not isinstance(report, Report) or not isinstance(gm, fx.GraphModule):
-        return {}
-    was = {r.fqn: r.shape[1] for r in report.layers if r.method == "id"}  # original input channels
-    return {c.last.fqn: c.hidden for c in find_chains(gm) if c.hidden < was.get(c.last.fqn, 0)}
-
-
 def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
          normalization: zoo.Normalization | None = None) -> Path:
     """Write ``gm`` (typically ``compress``'s result) to ``path`` atomically; return the path.
@@ -161,7 +126,7 @@ def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
         log.info("arch %r is not a registry name; load() will need model=", arch)
     layers = _factorized_layers(gm)
     report = getattr(gm, "convfx_report", None)
-    widths = _narrowed_widths(gm, report)
+    widths = dict(report.widths) if isinstance(report, Report) else {}
     if not layers and not widths:
         log.warning("%s has no factorized layers; saving it as it is", type(gm).__name__)
     state = {k: v.detach().cpu() for k, v in gm.state_dict().items()}
@@ -249,25 +214,37 @@ def _base_model(spec: dict[str, Any], model: nn.Module | None, where: str) -> nn
         raise ConvfxError(
             "the file does not name its architecture, so it cannot be rebuilt by itself", where=where,
             hint="pass the uncompressed model: convfx.load(path, model=MyNet()) "
-                 "(or save with convfx.save(gm, path, arch=...))")
+                 "(or save with convfx.save(gm, path, arch=...))", kind=UNKNOWN_ARCH)
     if not zoo.is_known_arch(arch):
         raise ConvfxError(f"architecture {arch!r} is not in the convfx registry", where=where,
-                          hint=f"pass an uncompressed {arch} instance: convfx.load(path, model=...)")
+                          hint=f"pass an uncompressed {arch} instance: convfx.load(path, model=...)",
+                          kind=UNKNOWN_ARCH)
     return zoo.build(arch)
 
 
-def _float_dtype(state: Mapping[str, Any]) -> torch.dtype | None:
-    for v in state.values():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.dtype
-    return None
+def _float_dtypes(state: Mapping[str, Any]) -> set[torch.dtype]:
+    return {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _match_dtypes(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Give every floating parameter and buffer the dtype its saved tensor has.
+
+    Why per tensor: a model may mix dtypes (one float64 layer in a float32 net), and
+    loading copies values into the existing tensors, which keep their own dtype.
+    """
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            saved = state.get(name)
+            if isinstance(saved, torch.Tensor) and saved.is_floating_point() and t.is_floating_point() \
+                    and t.dtype != saved.dtype:
+                t.data = t.data.to(saved.dtype)
 
 
 def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModule:
     plans, geoms, kinds, folds = _plans(spec, where)
-    dtype = _float_dtype(spec["state_dict"])
-    if dtype is not None:
-        base = base.to(dtype)
+    dtypes = _float_dtypes(spec["state_dict"])
+    if len(dtypes) == 1:  # one dtype: everything, unsaved buffers included, takes it
+        base = base.to(dtypes.pop())
     gm = trace(base).gm
     sites, _ = find_sites(gm)
     by_fqn = {s.fqn: s for s in sites}
@@ -285,22 +262,18 @@ def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModul
                 f"layer geometry differs: file has {kinds[fqn]} {geom}, model has {site.kind} {site.geometry}",
                 where=f"{where}: {fqn}", hint="the model is a different architecture (or variant) "
                 "from the one the file was saved from")
-    widths = spec.get("widths") or {}
-    chains = {c.last.fqn: c for c in find_chains(gm, sites)}
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    rank = {f: order[c.last.nodes[0].name] for f, c in chains.items()}
-    # upstream first: a chain's last conv can be the next chain's first (prune_chain slices current weights)
-    for fqn, k in sorted(widths.items(), key=lambda kv: rank.get(kv[0], -1)):
-        if fqn not in chains or not 0 < int(k) <= chains[fqn].hidden:
+    widths = {str(f): int(k) for f, k in (spec.get("widths") or {}).items()}
+    chains = {c.name: c for c in find_chains(gm, sites)}
+    for fqn, k in widths.items():
+        if fqn not in chains or not 0 < k <= chains[fqn].hidden:
             raise ConvfxError(f"narrowed chain {fqn!r} (width {k}) is not a chain of this model",
                               where=where, hint="the model is a different architecture from the one the file "
                               "was saved from")
-        c = chains[fqn]
-        keep = list(range(int(k)))  # placeholders: the state dict brings the weights
-        prune_chain(gm, c, keep, torch.zeros(c.last.geometry.out_channels, int(k)),
-                    torch.zeros(c.last.geometry.out_channels))
+    # The code path that narrowed them, with placeholder weights that the state dict replaces.
+    narrow_chains(gm, list(chains.values()), widths)
     factorize_sites(gm, [by_fqn[f] for f in plans], plans, weight_fn=None,
                     unfolded={f for f, fold in folds.items() if not fold})
+    _match_dtypes(gm, spec["state_dict"])
     return gm
 
 
@@ -363,7 +336,10 @@ def load(path: PathLike, model: nn.Module | None = None, *,
                   else None)
     if isinstance(spec.get("report"), str):
         try:
-            gm.convfx_report = report_from_json(spec["report"])  # type: ignore[assignment]
+            report = Report.from_json(spec["report"])
+            # Files written before reports carried the widths keep them beside the report only.
+            report.widths = {str(f): int(k) for f, k in (spec.get("widths") or {}).items()}
+            gm.convfx_report = report  # type: ignore[assignment]
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("%s: stored report could not be read (%s); continuing without it", where, exc)
     log.info("loaded %s from %s (%d factorized layers)", arch or type(base).__name__, where, len(spec["layers"]))

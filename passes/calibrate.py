@@ -43,9 +43,9 @@ __all__ = [
 ]
 
 _RIDGE = 1e-8
-#: Default strength of :meth:`MomentStats.shrunk` in :func:`fit_factors`. Measured on
-#: EfficientNet-Lite0 at 1.3x with 300 calibration images: top-1 74.9 (0), 76.6 (0.01),
-#: 76.3 (0.1), 74.4 (1.0); CIFAR ResNet-56 at 2x with 1000 images: 81.75 / 81.71 / 81.69 (0.03).
+#: Default strength of :meth:`MomentStats.shrunk` in :func:`fit_factors`: small enough that
+#: well-excited directions keep the data fit, large enough that barely excited ones keep
+#: the weights (chosen side by side; see the README's ``calibration_shrink``).
 SHRINK = 0.01
 
 
@@ -140,9 +140,9 @@ class MomentStats:
         Why: that is what ``λ`` virtual isotropic input rows with ``x_o = x_c`` would add,
         rows on which the fit must reproduce ``W x`` exactly. Directions the calibration
         images barely excite then keep the original weights instead of whatever the
-        least-squares solve puts there: a few hundred images otherwise over-fit
-        (EfficientNet-Lite0's data-aware 1x1 factors drifted to 7x the original weight
-        norm). ``rho → 0`` is the pure data fit, ``rho → ∞`` the weight-space fit.
+        least-squares solve puts there: a few hundred images otherwise over-fit (the
+        fitted factors drift far from the original weights' norm). ``rho → 0`` is the pure
+        data fit, ``rho → ∞`` the weight-space fit.
         """
         out = MomentStats(self.dim, self.device)
         lam = rho * float(torch.diagonal(self.c_cc).mean().clamp_min(0.0))

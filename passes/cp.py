@@ -41,12 +41,12 @@ _MAX_SLICES = 64
 # Small enough to leave exact decompositions exact (~1e-9 relative), large enough
 # to keep Cholesky alive and to damp the diverging components of degenerate fits.
 _RIDGE = 1e-10
-# Damping of the main phase: a relative ridge of 1e-2 on the same matrices. Lossy fits of
-# conv kernels otherwise drift into degenerate solutions whose components cancel (on a
-# pretrained CIFAR ResNet-20, sum of component norms up to 760x the kernel's norm); those
-# cost ~2% of the fit error to avoid but make the factors untrainable (SGD diverges at
-# lr 0.002). Fits that end below _POLISH_BELOW are near-exact, not degenerate, and are
-# polished with _RIDGE so that exact decompositions stay exact.
+# Damping of the main phase: a relative ridge on the same matrices. Lossy fits of conv
+# kernels otherwise drift into degenerate solutions whose components cancel each other
+# (component norms far above the kernel's); avoiding them costs a little fit error, but
+# degenerate factors are untrainable (SGD diverges from them). Fits that end below
+# _POLISH_BELOW are near-exact, not degenerate, and are polished with _RIDGE so that exact
+# decompositions stay exact.
 _DAMPING = 1e-2
 _POLISH_BELOW = 2e-2
 # The Gram-based error subtracts squared norms, so it resolves relative errors down

@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConvfxError
+from .meta import IN_SHAPE, MACS, OUT_SHAPE
 
 __all__ = ["propagate_shapes", "annotate_macs", "fvcore_macs", "eval_mode", "node_label"]
 
@@ -46,8 +47,8 @@ def node_label(gm: fx.GraphModule, node: fx.Node) -> str:
     """A human name for a node: the module path for ``call_module``, else the node name."""
     if node.op == "call_module":
         return f"{node.target} (call_module {type(gm.get_submodule(str(node.target))).__name__})"
-    if node.op == "call_function":
-        return f"{node.name} (call_function {getattr(node.target, '__name__', node.target)})"
+    if node.op in ("call_function", "call_method"):
+        return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
     return f"{node.name} ({node.op})"
 
 
@@ -68,12 +69,12 @@ class _ShapeInterpreter(fx.Interpreter):
             raise ConvfxError(f"example_inputs do not fit the model: {type(err).__name__}: {msg}",
                               where=node_label(self.module, n)) from err  # type: ignore[arg-type]
         if isinstance(result, torch.Tensor):
-            n.meta["convfx_out_shape"] = tuple(result.shape)
+            n.meta[OUT_SHAPE] = tuple(result.shape)
         first = n.args[0] if n.args else n.kwargs.get("input")
         if isinstance(first, fx.Node):
-            shp = first.meta.get("convfx_out_shape")
+            shp = first.meta.get(OUT_SHAPE)
             if shp is not None:
-                n.meta["convfx_in_shape"] = shp
+                n.meta[IN_SHAPE] = shp
         return result
 
 
@@ -88,7 +89,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Any
 
 
 def annotate_macs(gm: fx.GraphModule) -> int:
-    """Write fvcore-convention MACs of each conv/linear node into ``node.meta['convfx_macs']``.
+    """Write fvcore-convention MACs of each conv/linear node into ``node.meta[MACS]``.
 
     Uses fvcore's own per-op formulas on the recorded shapes; returns the conv total.
     Requires :func:`propagate_shapes` first.
@@ -113,8 +114,8 @@ def annotate_macs(gm: fx.GraphModule) -> int:
                 w_shape = tuple(obj.shape)
         if w_shape is None:
             continue
-        x_shape = node.meta.get("convfx_in_shape")
-        y_shape = node.meta.get("convfx_out_shape")
+        x_shape = node.meta.get(IN_SHAPE)
+        y_shape = node.meta.get(OUT_SHAPE)
         if x_shape is None or y_shape is None:
             continue
         if is_linear:
@@ -122,7 +123,7 @@ def annotate_macs(gm: fx.GraphModule) -> int:
         else:
             macs = int(handles.conv_flop_count(list(x_shape), list(w_shape), list(y_shape), False))
             conv_total += macs
-        node.meta["convfx_macs"] = macs
+        node.meta[MACS] = macs
     return conv_total
 
 

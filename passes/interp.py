@@ -38,19 +38,20 @@ from torch import Tensor, nn
 
 from .calibrate import bn_output_scale
 from .convs import Site, find_sites, set_submodule
+from .meta import MACS, OUT_SHAPE
 
 __all__ = ["Chain", "ChainMoments", "find_chains", "chain_moments", "greedy_order", "refit", "refit_residual",
            "prune_chain", "chain_macs", "allocate_widths", "chain_graph", "refine_chain", "skip_join", "RIDGE",
            "REFINE_LR", "REFINE_BATCH"]
 
-#: Adam learning rate (cosine-decayed to 0) and images per step of :func:`refine_chain`. On
-#: EfficientNet-Lite0 at 1.3x (H200 sweep, 700 report images): output KL to the original
-#: 0.28 -> 0.17 (300 steps at 1e-3), 0.20 (300 at 1e-4), 0.15 (1000 at 1e-3).
+#: Adam learning rate (cosine-decayed to 0) and images per step of :func:`refine_chain`:
+#: a lower rate left more of the output KL in the same number of steps (the sweep is in
+#: ``benchmarks/results/accuracy_runs/lite_id_sweep_cuda_h200.md``).
 REFINE_LR = 1e-3
 REFINE_BATCH = 32
 
-#: Ridge added to the hidden covariance, relative to its mean diagonal. Measured on
-#: EfficientNet-Lite0 at 1.3x with 300 calibration images: top-1 78.7 (1e-4), 79.4 (1e-3), 76.2 (1e-2).
+#: Ridge added to the hidden covariance, relative to its mean diagonal: enough to keep the
+#: selection stable on a few hundred images, little enough not to bias the refit towards 0.
 RIDGE = 1e-3
 
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.GELU, nn.Sigmoid,
@@ -160,7 +161,7 @@ def chain_macs(chains: list[Chain]) -> list[tuple[int, tuple[str, ...]]]:
     seen: dict[str, tuple[int, list[str]]] = {}
     for c in chains:
         for s in c.convs:
-            macs, names = seen.setdefault(s.fqn, (int(s.nodes[0].meta["convfx_macs"]), []))
+            macs, names = seen.setdefault(s.fqn, (int(s.nodes[0].meta[MACS]), []))
             names.append(c.name)
     return [(macs, tuple(names)) for macs, names in seen.values()]
 
@@ -201,7 +202,7 @@ def skip_join(gm: fx.GraphModule, chain: Chain) -> tuple[fx.Node, Tensor] | None
     if not is_add or len(user.args) != 2 or user.kwargs or not all(isinstance(a, fx.Node) for a in user.args):
         return None
     other = user.args[1] if user.args[0] is node else user.args[0]
-    shapes = [n.meta.get("convfx_out_shape") for n in (node, other)]
+    shapes = [n.meta.get(OUT_SHAPE) for n in (node, other)]
     if other is node or (None not in shapes and shapes[0] != shapes[1]):
         return None  # x + x, or a broadcast add (a bias-like tensor, not a skip)
     if scale is None:
@@ -220,9 +221,8 @@ def chain_moments(chain: Chain, pairs: Iterable[tuple[Tensor, ...]]) -> ChainMom
     ``shift`` (same shape as that output) where given: see :func:`skip_join`.
 
     The error is measured at ``last``'s output, before any BatchNorm. Weighting the output
-    channels by that BN's ``|γ|/σ`` lowered EfficientNet-Lite0's output KL a little (1.3x:
-    0.296 -> 0.270) but cost top-1 at every point measured (1.15 / 1.2 / 1.3x: -0.3 / -0.6 /
-    -1.2 on the 1000 report images), so it is not done.
+    channels by that BN's ``|γ|/σ`` lowered the output KL a little but cost top-1, so it is
+    not done.
     """
     w = chain.last.weight.detach().reshape(chain.last.geometry.out_channels, -1).double()
     b = chain.last.bias.detach().double() if chain.last.bias is not None else None

@@ -26,6 +26,7 @@ from .convs import ConvGeometry, Site
 from .decompose import energy_rank, unfold
 from .errors import ConvfxError
 from .factors import METHODS, FactorPlan, factor_cost, max_ranks, original_cost
+from .meta import IN_SHAPE
 
 __all__ = [
     "COMPRESS_METHODS", "RankSpec", "validate_rank_spec", "layer_method", "skip_reason", "choose_plan", "is_automatic",
@@ -184,7 +185,7 @@ def choose_plan(site: Site, method: str, value: Any) -> tuple[FactorPlan | None,
 
 def _input_shape(site: Site) -> tuple[int, ...]:
     node = site.nodes[0]
-    shape = node.meta.get("convfx_in_shape")
+    shape = node.meta.get(IN_SHAPE)
     if shape is None:
         raise ConvfxError("no shape information; run shape propagation first", where=site.fqn)
     return tuple(shape)
@@ -192,7 +193,7 @@ def _input_shape(site: Site) -> tuple[int, ...]:
 
 
 def select_ranks(sites: list[Site], method: str, rank: RankSpec) -> dict[str, FactorPlan | str]:
-    """The rank-selection pass: a plan (or a skip reason) per site, also written to ``node.meta``.
+    """The rank-selection pass: a plan (or a skip reason) per site.
 
     It reads weights and shapes only; the graph is not changed.
     """
@@ -208,8 +209,5 @@ def select_ranks(sites: list[Site], method: str, rank: RankSpec) -> dict[str, Fa
                     plan, reason = choose_plan(site, method, rank[site.fqn])
             else:
                 plan, reason = choose_plan(site, method, tuple(rank) if isinstance(rank, list) else rank)
-        result: FactorPlan | str = plan if plan is not None else str(reason)
-        for node in site.nodes:
-            node.meta["convfx_plan"] = result
-        out[site.fqn] = result
+        out[site.fqn] = plan if plan is not None else str(reason)
     return out

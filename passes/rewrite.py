@@ -91,7 +91,6 @@ def factorize_sites(gm: fx.GraphModule, sites: list[Site], plans: dict[str, Fact
             with graph.inserting_before(node):
                 for i in range(container.n_factors):
                     x = graph.call_module(f"{site.fqn}.{i}", (x,))
-                    x.meta["convfx_factor_of"] = site.fqn
                     chain.append(x)
             node.replace_all_uses_with(x)
             attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]

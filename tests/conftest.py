@@ -9,8 +9,25 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def _register_toy() -> None:
+    """The shared toy model/data module (``tests/workers/toy.py``, which the worker scripts also
+    run from) as ``convfx_tests_toy``, so test modules import it by name."""
+    spec = importlib.util.spec_from_file_location("convfx_tests_toy", Path(__file__).parent / "workers" / "toy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_register_toy()
 
 
 @pytest.fixture

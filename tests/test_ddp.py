@@ -1,7 +1,6 @@
 """Two-process gloo DDP fine-tuning on CPU under torchrun: success, failure, resume."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,11 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+import convfx_tests_toy as toy  # registered by conftest.py
 from convfx.checkpoint import load_checkpoint
 from convfx.train import CHECKPOINT_NAME
 
@@ -27,15 +26,6 @@ DDP_STEPS = 12
 LAUNCH_TIMEOUT_S = 240
 
 
-def _load_toy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convfx_tests_toy", WORKERS / "toy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toy = _load_toy()
 
 
 def _free_port() -> int:

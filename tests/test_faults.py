@@ -1,7 +1,6 @@
 """Fault injection: SIGKILLed training runs, damaged checkpoint files, wrong architectures."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -13,7 +12,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -27,21 +25,13 @@ from convfx.checkpoint import (
     remove_partial_saves,
 )
 from convfx.train import CHECKPOINT_NAME, finetune
-from passes.errors import ConvfxError
+import convfx_tests_toy as toy  # registered by conftest.py
+from passes.errors import CORRUPT_FILE, UNSAFE_PICKLE, ConvfxError
 
 WORKERS = Path(__file__).parent / "workers"
 WORKER = WORKERS / "finetune_worker.py"
 
 
-def _load_toy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convfx_tests_toy", WORKERS / "toy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toy = _load_toy()
 
 
 # The worker runs single-threaded; bit-exact comparisons need the same here.
@@ -274,6 +264,35 @@ def _good_checkpoint(path: Path) -> None:
 def test_damaged_checkpoints_raise_clear_errors(damage: str, reason: str, tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
     marker = tmp_path / "code-ran"
+    _damage(path, damage, marker)
+    with pytest.raises(ConvfxError, match=reason) as info:
+        load_checkpoint(path)
+    assert info.value.where == str(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "damage,kind",
+    [
+        ("empty", CORRUPT_FILE),
+        ("truncate-50%", CORRUPT_FILE),
+        ("garbage", CORRUPT_FILE),
+        ("flipped-weight-bytes", CORRUPT_FILE),
+        ("pickled-code", UNSAFE_PICKLE),
+    ],
+)
+def test_damaged_checkpoint_errors_carry_their_kind(damage: str, kind: str, tmp_path: Path) -> None:
+    """Code that handles a failure (e.g. deletes a corrupt file) tests ``kind``, not the wording."""
+    path = tmp_path / "ck.pt"
+    _damage(path, damage, tmp_path / "code-ran")
+    with pytest.raises(ConvfxError) as info:
+        load_checkpoint(path)
+    assert info.value.kind == kind
+
+
+def _damage(path: Path, damage: str, marker: Path) -> None:
+    """Leave ``path`` as ``damage`` describes; a pickled payload would create ``marker``."""
     if damage == "directory":
         path.mkdir()
     elif damage == "empty":
@@ -296,11 +315,6 @@ def test_damaged_checkpoints_raise_clear_errors(damage: str, reason: str, tmp_pa
         torch.save({"model": {}, "payload": _Evil(marker)}, path)
     elif damage == "not-a-dict":
         torch.save([torch.ones(2)], path)
-    with pytest.raises(ConvfxError, match=reason) as info:
-        load_checkpoint(path)
-    assert info.value.where == str(path)
-    assert str(path) in str(info.value)
-    assert not marker.exists()
 
 
 def test_finetune_refuses_to_overwrite_a_damaged_checkpoint(tmp_path: Path) -> None:

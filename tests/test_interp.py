@@ -302,7 +302,7 @@ def test_shifted_refit_is_the_least_squares_fit_of_the_shifted_target() -> None:
 
 
 @pytest.mark.parametrize(("functional", "steps"), [(False, 0), (True, 0), (False, 30)])
-def test_skip_targets_lower_the_block_output_error(functional: bool, steps: int, monkeypatch) -> None:
+def test_skip_targets_lower_the_block_output_error(functional: bool, steps: int) -> None:
     """With b1 narrowed, b2's input is off; b2's refit cancelling that error on its skip leaves
     b2's block output closer to the original's (on the calibration images) than a refit of b2's
     own conv output alone. b1's skip input (the stem) is exact, so b1 is fitted the same way.
@@ -311,9 +311,9 @@ def test_skip_targets_lower_the_block_output_error(functional: bool, steps: int,
     x = _images(64, 3)
     outs = {}
     for flag in (False, True):
-        monkeypatch.setattr(convfx.api, "SKIP_TARGETS", flag)
-        gm = convfx.compress(m, x[:1], method="id", flops_target=0.3, calibration=[x[:32], x[32:]], progress=False,
-                             refine_steps=steps)
+        options = convfx.CompressOptions(method="id", flops_target=0.3, calibration=[x[:32], x[32:]], progress=False,
+                                         refine_steps=steps, skip_targets=flag)
+        gm = convfx.api.compress_with(m, x[:1], options)
         outs[flag] = _output(gm, _head_input(gm), x)
     want = _output(_traced(m), _head_input(_traced(m)), x)
     err = {f: float((o - want).pow(2).sum() / want.pow(2).sum()) for f, o in outs.items()}

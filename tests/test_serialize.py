@@ -1,6 +1,7 @@
 """convfx.serialize: weights-only model files that rebuild without re-decomposing."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import convfx
 from convfx import serialize, zoo
 from convfx.checkpoint import atomic_save
+from convfx.report import Report
 from convfx.train import finetune
-from passes.errors import ConvfxError
+from passes.errors import UNKNOWN_ARCH, ConvfxError
 from passes.factors import Factorized
 
 # A few layers of different kinds (the 3-channel stem, a stride-2 conv, a deep conv) keep
@@ -170,6 +172,34 @@ def test_custom_model_without_model_argument_is_refused(tiny_file: tuple[str, to
     _, _, path = tiny_file
     with pytest.raises(ConvfxError, match="does not name its architecture"):
         serialize.load(path)
+
+
+def test_unbuildable_architecture_errors_carry_their_kind(tiny_file: tuple[str, torch.fx.GraphModule, Path],
+                                                          tmp_path: Path) -> None:
+    """The CLI offers ``--arch`` on this kind, whatever the wording."""
+    _, gm, path = tiny_file
+    unknown = serialize.save(gm, tmp_path / "unknown.pt", arch="not_a_registered_net")
+    for p in (path, unknown):
+        with pytest.raises(ConvfxError) as info:
+            serialize.load(p)
+        assert info.value.kind == UNKNOWN_ARCH
+
+
+def test_report_json_round_trips_every_field(tmp_path: Path, inputs: torch.Tensor) -> None:
+    """A calibrated report (output errors, notes, assumptions, a Linear row, a skipped row) reads back equal."""
+    torch.manual_seed(2)
+    gm = convfx.compress(TinyNet().eval(), None, rank=0.5, calibration=[inputs], progress=False,
+                         filter_fn=lambda module, fqn: fqn != "point")
+    report = gm.convfx_report
+    assert report.assumptions and report.notes and report.seconds > 0
+    assert any(r.output_error is not None for r in report.layers) and report.skipped
+    assert any(r.kind == "linear" for r in report.layers)
+    again = Report.from_json(report.to_json())
+    for f in dataclasses.fields(Report):
+        assert getattr(again, f.name) == getattr(report, f.name), f.name
+    assert again == report
+    path = serialize.save(gm, tmp_path / "tiny.pt")
+    assert serialize.load(path, model=TinyNet()).convfx_report == report
 
 
 def test_arch_attribute_is_picked_up_and_reload_resaves(tmp_path: Path, inputs: torch.Tensor,

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -25,19 +23,10 @@ from convfx.train import (
     param_groups,
     recalibrate_bn,
 )
+import convfx_tests_toy as toy  # registered by conftest.py
 from passes.errors import ConvfxError
 
 
-def _load_toy() -> ModuleType:
-    """The shared toy model/data module, loaded by file path (it also serves the workers)."""
-    spec = importlib.util.spec_from_file_location("convfx_tests_toy", Path(__file__).parent / "workers" / "toy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toy = _load_toy()
 
 
 # Bit-exact comparisons need a fixed intra-op thread count (and the box is shared).

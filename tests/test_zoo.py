@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from convfx import data, zoo
-from passes.errors import ConvfxError
+from passes.errors import CORRUPT_FILE, STATE_DICT_MISMATCH, UNSAFE_PICKLE, ConvfxError
 
 
 def expected_cifar_params(depth: int, num_classes: int = 10) -> int:
@@ -132,6 +132,23 @@ def test_bad_checkpoints_raise_convfx_error(tmp_path: Path, capsys: pytest.Captu
         zoo.cifar_resnet(20, checkpoint=path)
     assert info.value.where == str(path)
     assert "pickled code ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda p: _save(zoo.cifar_resnet(20, num_classes=100).state_dict(), p), STATE_DICT_MISMATCH),
+        (lambda p: p.write_bytes(bytes(range(256)) * 8), CORRUPT_FILE),
+        (lambda p: _save({"state_dict": {}, "x": _PicklesCode()}, p), UNSAFE_PICKLE),
+    ],
+    ids=["num-classes", "garbage", "pickled-code"],
+)
+def test_bad_checkpoint_errors_carry_their_kind(tmp_path: Path, make, kind: str) -> None:
+    path = tmp_path / "ck.th"
+    make(path)
+    with pytest.raises(ConvfxError) as info:
+        zoo.cifar_resnet(20, checkpoint=path)
+    assert info.value.kind == kind
 
 
 def test_missing_checkpoint(tmp_path: Path) -> None:

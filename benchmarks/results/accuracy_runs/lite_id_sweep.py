@@ -1,4 +1,9 @@
-"""Sweep: method='id' (BN-scaled or not) + block-local gradient reconstruction, on cached tensors."""
+"""Sweep: method='id' (BN-scaled or not) + block-local gradient reconstruction, on cached tensors.
+
+Archived as it ran (behind lite_id_sweep_cuda_h200.*). Not runnable against today's convfx: it sets
+``convfx.api._ID_BN_SCALE`` and calls helpers of ``convfx.api`` that were removed (the BN weighting was
+dropped, and method='id' moved into ``passes/narrow.py``). Check out commit 6a2a0cb to re-run it.
+"""
 import copy, json, os, sys, time
 import torch, torch.fx as fx
 import convfx

@@ -1,5 +1,9 @@
 """Archived prototype (2026-11-28, eleventh session) behind lite_skip_ablation_cpu.jsonl; kept as it ran.
 
+Not runnable against today's convfx: it sets module globals (``convfx.api.SKIP_TARGETS``,
+``REFIT_FULL``) that were removed when compress became a pipeline of passes. Check out commit 5bb331a to
+re-run it; today the switch is ``convfx.api.compress_with(model, x, CompressOptions(..., skip_targets=False))``.
+
 EfficientNet-Lite0 at 1.3x, method="id", 300 calibration / 1000 report images (the benchmark's split,
 cached by lite_skip_ablation_prep.py into /tmp/exp/data.pt), 2 threads of the 2-core CPU. Arguments are
 CALIB:STEPS specs ("300", "600flip", "1200rrc0.25" = the 300 images plus 3 random-resized-crop copies).
