@@ -81,6 +81,7 @@ from convfx.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from convfx.data import cache_dir, cifar10, imagenet, split_dataset  # noqa: E402
 from convfx.train import recalibrate_bn  # noqa: E402
 from passes.calibrate import output_discrepancy  # noqa: E402
+from passes.recover import BN_MODES, TRAIN_SETS, DistillConfig  # noqa: E402
 
 log = logging.getLogger("accuracy")
 
@@ -89,7 +90,9 @@ METHODS = ("seed", "convfx", "convfx+KD", "pruning")
 #: convfx with another structure than Tucker-2 (``compress(method=...)``): convfx-cp, convfx-auto, convfx-id(+KD);
 #: convfx-idr is method="id" with ``refine_steps=--refine-steps``.
 STRUCTURES = ("cp", "auto", "id", "idr")
-ALL_METHODS = METHODS + tuple(f"convfx-{s}{kd}" for s in STRUCTURES for kd in ("", "+KD"))
+#: "+D": the same compression followed by compress's label-free recovery (``distill_steps=--distill-steps``).
+DISTILLED = tuple(f"{m}+D" for m in ("convfx", *(f"convfx-{s}" for s in STRUCTURES)))
+ALL_METHODS = METHODS + tuple(f"convfx-{s}{kd}" for s in STRUCTURES for kd in ("", "+KD")) + DISTILLED
 LABELS = {
     "seed": "seed: Tucker-2, data-free (uniform ranks; VBMF point)",
     "convfx": "convfx: data-aware Tucker-2 + flops_target",
@@ -103,12 +106,13 @@ LABELS = {
     "convfx-id+KD": "convfx id + distillation",
     "convfx-idr": "convfx: method=id + refine_steps (each narrowed chain refined by local, label-free gradient steps)",
     "convfx-idr+KD": "convfx id refined + distillation",
+    **{m: f"{m[:-2]} + label-free recovery (distill_steps)" for m in DISTILLED},
 }
 
 
 def structure(method: str) -> str | None:
     """The ``compress(method=)`` of a convfx row (convfx-cp+KD -> cp), None for other methods."""
-    base = method.removesuffix("+KD")
+    base = method.removesuffix("+KD").removesuffix("+D")
     if base == "convfx":
         return "tucker"
     return base.removeprefix("convfx-") if base.startswith("convfx-") else None
@@ -292,6 +296,40 @@ BN_POLICY: dict[str | None, str] = {
 }
 
 
+def split_line(s: dict[str, Any]) -> str:
+    """Which images the top-1 columns come from, and what the +D rows' recovery did."""
+    where = s.get("split", "report")
+    text = (f"Top-1 is measured on the **{where}** split"
+            + (" (used to choose variants and settings; never the report images)" if where == "select"
+               else " (computed once, after every choice was made on the selection split)"
+               if "split" in s else "") + ".")
+    if "split" in s:
+        text += (f" CIFAR: {s['calib_images']} calibration and {s['select_images']} selection images from the train "
+                 f"zip, report = the 10,000 test images. EfficientNet-Lite0 ({s['lite_split']} split of "
+                 f"imagenet-val-1300): {s['lite_calib']} calibration images"
+                 + (f", {s['lite_select']} selection, the rest report" if s["lite_split"] == "random" else
+                    "; classes shuffled: half report (all their images), a quarter selection, a quarter "
+                    "calibration, no class in two sets") + ".")
+        loss = " + ".join(filter(None, [
+            f"{s.get('distill_kl_weight', 1.0):g} x output KL (T {s['distill_temperature']})"
+            if s.get("distill_kl_weight", 1.0) else "",
+            f"{s.get('distill_feature_weight', 0.0):g} x relative MSE of the {s.get('distill_features')} features"
+            if s.get("distill_feature_weight") else ""]))
+        mixup, limit = s.get("distill_mixup") or 0, s.get("distill_max_seconds")
+        text += (f" +D rows: compress(distill_steps={s['distill_steps']}), loss {loss}, lr {s['distill_lr']}, "
+                 f"batch {s['distill_batch']}, BN {s['distill_bn']}, trains {s['distill_train']}, "
+                 f"{s['distill_holdout']:.0%} of the calibration images held out to choose the weights "
+                 f"({s.get('distill_checkpoints', 4)} checkpoints), augmentation "
+                 f"{'off' if s['distill_no_augment'] else 'flips + padded crops'}"
+                 f"{f', {mixup:.0%} of each batch mixup-blended' if mixup else ''}"
+                 f"{f', at most {limit:g} s' if limit else ''}; BN "
+                 f"re-estimation after it: {s['distill_bench_bn']}."
+                 + (" Each +D row runs that recovery stage on a copy of the plain row's compressed model of the same "
+                    "point (the same deterministic fit; its compress s = the fit's + the recovery's)."
+                    if s.get("reuse_fit") else ""))
+    return text
+
+
 def fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
@@ -304,6 +342,8 @@ def markdown(res: Results) -> str:
         f"Command: `{res.command}`",
         "",
         f"Machine: {res.machine}.",
+        "",
+        split_line(s),
         "",
         "MACs: fvcore, 1 multiply-add = 1, all convolutions, per image (GFLOPs = 2 x GMACs). "
         "Reduction = original conv MACs / compressed conv MACs. 'calib only': right after compression "
@@ -355,10 +395,12 @@ def plot(res: Results, path: Path) -> None:
     colors = {"seed": "tab:gray", "convfx": "tab:blue", "convfx+KD": "tab:green", "pruning": "tab:red",
               "convfx-cp": "tab:cyan", "convfx-cp+KD": "tab:olive", "convfx-auto": "tab:purple",
               "convfx-auto+KD": "tab:brown", "convfx-id": "tab:orange", "convfx-id+KD": "tab:pink",
-              "convfx-idr": "darkred", "convfx-idr+KD": "navy"}
+              "convfx-idr": "darkred", "convfx-idr+KD": "navy", "convfx+D": "teal", "convfx-cp+D": "gold",
+              "convfx-auto+D": "magenta", "convfx-id+D": "lime", "convfx-idr+D": "black"}
     markers = {"seed": "s", "convfx": "o", "convfx+KD": "D", "pruning": "v", "convfx-cp": "^", "convfx-cp+KD": "<",
                "convfx-auto": "P", "convfx-auto+KD": "X", "convfx-id": "h", "convfx-id+KD": "p", "convfx-idr": "d",
-               "convfx-idr+KD": "8"}
+               "convfx-idr+KD": "8", "convfx+D": "*", "convfx-cp+D": "H", "convfx-auto+D": "x", "convfx-id+D": "1",
+               "convfx-idr+D": "2"}
     handles: dict[str, Any] = {}
     for row, (attr, what) in enumerate(panels):
         for col, model in enumerate(models):
@@ -407,6 +449,9 @@ class Bench:
         self.device = torch.device(args.device)
         self.t_start = time.perf_counter()
         self._ref_logits: dict[tuple[int, int], list[torch.Tensor]] = {}
+        #: (model, structure, target) -> (the plain convfx row's compressed model before BN handling, its
+        #: compress seconds), kept for the "+D" row of the same point (--no-reuse-fit: compress again)
+        self._fitted: dict[tuple[str, str, float], tuple[nn.Module, float]] = {}
 
     def baseline_cache(self, model: str) -> Path:
         """Where the fine-tuned baseline (the distillation teacher) is kept for ``--resume``."""
@@ -443,6 +488,41 @@ class Bench:
             total = sum(output_discrepancy(model(x), ref) * x.shape[0]
                         for x, ref in zip(calib, self._ref_logits[key]))
         return total / sum(x.shape[0] for x in calib)
+
+    def distill_options(self) -> dict[str, Any]:
+        """compress's recovery settings for the "+D" rows, from the --distill-* arguments."""
+        a = self.a
+        settings = {name: getattr(a, arg) for arg, name in DISTILL_ARGS.items()}
+        settings["max_seconds"] = a.distill_max_seconds
+        if settings["features"] != "penultimate":
+            settings["features"] = tuple(settings["features"].split(","))
+        return {"distill_steps": a.distill_steps, "distill_holdout": a.distill_holdout,
+                "distill_augment": None if a.distill_no_augment else "default",
+                "distill_settings": settings}
+
+    def reusable(self, name: str, method: str, how: str, target: float) -> bool:
+        return method.endswith("+D") and self.a.reuse_fit and (name, how, target) in self._fitted
+
+    def recover_copy(self, model: nn.Module, original: nn.Module, calib: list[torch.Tensor]) -> str:
+        """compress's recovery stage (``passes.pipeline.recover``) on a copy of the plain row's compressed model.
+
+        Why: the fit before the recovery stage is deterministic and identical for the plain and the
+        "+D" row of a point, and costs minutes on the 2-core CPU (ResNet-56 CP, Lite0 id); the +D row
+        then runs only what ``distill_steps`` adds, on exactly the plain row's model (a paired
+        comparison). Same split of the calibration images (the last ``distill_holdout`` held out),
+        same teacher (the original), same settings as ``compress(..., distill_steps=...)``.
+        """
+        from passes.pipeline import _split_images
+        from passes.recover import distill
+
+        o = convfx.CompressOptions(calibration=calib, **self.distill_options())
+        n = sum(int(x.shape[0]) for x in calib)
+        n_held = int(round(o.distill_holdout * n)) if n > 1 else 0
+        train, held = _split_images(calib, n - n_held)
+        result = distill(model, original, train, o.distill_config, progress=o.progress and self.a.progress,
+                         held_out=held or None)
+        return (result.note() + (f" ({n - n_held} calibration images trained on, {n_held} held out to choose the "
+                                 "weights)" if n_held else "") + "; recovery run on a copy of the plain row's fit")
 
     def bn_policy(self, model_name: str) -> str:
         return self.a.bn or ("auto" if model_name == "efficientnet_lite0" else "always")
@@ -487,13 +567,24 @@ class Bench:
                                                             progress=False),
                                   example, target_macs, 0.02, 1.0, increasing=True)
                 note = f"uniform rank fraction {p:.3f}"
+            elif (how := structure(method)) is not None and self.reusable(name, method, how, target):
+                fitted, fit_s = self._fitted.pop((name, how, target))
+                model = copy.deepcopy(fitted)
+                note = self.recover_copy(model, original, calib)
+                t0 -= fit_s  # the +D row's compress time: the same fit + the recovery stage
             elif (how := structure(method)) is not None:
                 steps = self.a.refine_steps if how == "idr" else 0
-                model = convfx.compress(original, example, method="id" if how == "idr" else how,
-                                        flops_target=1 / target, calibration=calib, refine_steps=steps,
-                                        progress=False)
+                options = convfx.CompressOptions(
+                    method="id" if how == "idr" else how, flops_target=1 / target, calibration=calib,
+                    refine_steps=steps, progress=self.a.progress, **(self.distill_options() if method.endswith("+D")
+                                                                      else {}))
+                model = convfx.api.compress_with(original, example, options)
+                if f"{method}+D" in self.a.methods and self.a.reuse_fit:
+                    self._fitted[(name, how, target)] = (copy.deepcopy(model), time.perf_counter() - t0)
                 kept = [n.rsplit("kept ", 1)[1] for n in model.convfx_report.notes if "; kept " in n]
                 note = f"allocation: {kept[0]} sensitivities" if kept else f"refine_steps {steps}" if steps else ""
+                note = "; ".join(filter(None, [note, *(n for n in model.convfx_report.notes
+                                                       if n.startswith("distill: "))]))
             else:
                 model, p = bisect(lambda r: prune(original, r, example, ignored), example, target_macs,
                                   0.0, 0.95, increasing=False)
@@ -503,7 +594,8 @@ class Bench:
             self.res.notes.append(f"{name} {method} at {target}x failed: {type(exc).__name__}: {exc}")
             self.flush()
             return None
-        bn_note = self.reestimate_bn(model, original, calib, self.bn_policy(name))
+        policy = self.a.distill_bench_bn if method.endswith("+D") else self.bn_policy(name)
+        bn_note = self.reestimate_bn(model, original, calib, policy)
         note = "; ".join(n for n in (note, bn_note) if n)
         comp_s = time.perf_counter() - t0
         ev = self.evaluate(model, test_batches)
@@ -527,7 +619,9 @@ class Bench:
         train = ImageTensors(tr_x, tr_y, norm, augment=True)
         test = ImageTensors(te_x, te_y, norm)
         plain_train = ImageTensors(tr_x, tr_y, norm)
-        calib_idx = torch.randperm(len(tr_y), generator=torch.Generator().manual_seed(0))[:a.calib_images]
+        order = torch.randperm(len(tr_y), generator=torch.Generator().manual_seed(0))
+        calib_idx = order[:a.calib_images]
+        select_idx = order[a.calib_images:a.calib_images + a.select_images]  # disjoint from calibration
         calib = [x for x, _ in plain_train.batches(100, self.device, calib_idx)]
         loader = DataLoader(train, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
                             pin_memory=self.device.type == "cuda", drop_last=True,
@@ -536,10 +630,12 @@ class Bench:
         original = original.to(self.device)
         base_macs = conv_macs(original, example)
         self.res.base_macs[name] = base_macs
-        log.info("%s: %d conv MACs, %d train / %d test / %d calibration images", name, base_macs, len(train),
-                 len(test), len(calib_idx))
+        log.info("%s: %d conv MACs, %d train / %d test / %d calibration images; reporting on the %s split",
+                 name, base_macs, len(train), len(test), len(calib_idx), a.split)
 
         def test_batches() -> Iterator[Any]:
+            if a.split == "select":  # choosing variants: train images never calibrated on, never the test set
+                return plain_train.batches(1000, self.device, select_idx)
             return test.batches(1000, self.device)
 
         ev = self.evaluate(original, test_batches)
@@ -633,7 +729,8 @@ class Bench:
         original = zoo.efficientnet_lite0(pretrained=True).eval().to(self.device)
         root = a.shared_data / "imagenet-val-1300"
         data = imagenet(root, "val", zoo.normalization_of(original), class_list=root / "wnids.txt")
-        calib_set, test_set = split_dataset(data, [a.lite_calib, len(data) - a.lite_calib], seed=0)
+        calib_set, select_set, report_set = lite_splits(data, a.lite_split, a.lite_calib, a.lite_select)
+        test_set = select_set if a.split == "select" else report_set
         calib_loader = DataLoader(calib_set, batch_size=50, shuffle=False, num_workers=a.workers)
         test_loader = DataLoader(test_set, batch_size=100, shuffle=False, num_workers=a.workers)
         calib = [x.to(self.device) for x, _ in calib_loader]
@@ -641,8 +738,8 @@ class Bench:
         example = torch.zeros(1, 3, 224, 224, device=self.device)
         base_macs = conv_macs(original, example)
         self.res.base_macs[name] = base_macs
-        log.info("%s: %d conv MACs, %d calibration / %d report images", name, base_macs, len(calib_set),
-                 len(test_set))
+        log.info("%s: %d conv MACs, %d calibration / %d %s images (%s split)", name, base_macs, len(calib_set),
+                 len(test_set), a.split, a.lite_split)
 
         def test_batches() -> Iterator[Any]:
             return iter(test)
@@ -660,6 +757,34 @@ class Bench:
                 if done is not None:
                     self.res.add(done[1])
                     self.flush()
+
+
+def lite_splits(data: Dataset, how: str, n_calib: int, n_select: int) -> tuple[Dataset, Dataset, Dataset]:
+    """(calibration, selection, report) subsets of imagenet-val-1300, pairwise disjoint.
+
+    ``random``: images drawn at random (seed 0): the first ``n_calib`` calibrate, the next
+    ``n_select`` select, the rest report. ``classes``: a distribution-shift proxy; the
+    classes present are shuffled (seed 0) and split in four: half of them report (all their
+    images), a quarter selects (all their images), and calibration draws ``n_calib`` images
+    from the last quarter; no class is in two sets.
+    """
+    from torch.utils.data import Subset
+
+    if how == "random":
+        calib, select, report = split_dataset(data, [n_calib, n_select, len(data) - n_calib - n_select], seed=0)
+        return calib, select, report
+    targets = torch.tensor([y for _, y in data.samples])  # type: ignore[attr-defined]
+    classes = targets.unique()
+    classes = classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(0))]
+    half, quarter = len(classes) // 2, len(classes) * 3 // 4
+    report_c, select_c, calib_c = classes[:half], classes[half:quarter], classes[quarter:]
+
+    def images(cs: torch.Tensor) -> list[int]:
+        return torch.nonzero(torch.isin(targets, cs)).flatten().tolist()
+
+    calib = images(calib_c)
+    calib = [calib[i] for i in torch.randperm(len(calib), generator=torch.Generator().manual_seed(1))[:n_calib]]
+    return Subset(data, calib), Subset(data, images(select_c)), Subset(data, images(report_c))
 
 
 def merge(paths: list[Path]) -> Results:
@@ -698,9 +823,19 @@ def drop_stale_notes(res: Results) -> None:
     res.notes = list(dict.fromkeys(n for n in res.notes if not measured(n)))
 
 
+#: --distill-* arguments -> DistillConfig fields (None on the command line: DistillConfig's default).
+DISTILL_ARGS = {"distill_lr": "lr", "distill_batch": "batch_size", "distill_temperature": "temperature",
+                "distill_bn": "bn", "distill_train": "train", "distill_kl_weight": "kl_weight",
+                "distill_feature_weight": "feature_weight", "distill_features": "features",
+                "distill_mixup": "mixup", "distill_checkpoints": "checkpoints"}
+
 #: Settings that must agree for a resumed run to extend a saved one.
 RESUME_SETTINGS = ("epochs", "max_steps", "lr", "batch_size", "warmup", "weight_decay", "bn", "kd_alpha",
-                   "kd_temperature", "calib_images", "lite_calib", "teacher_desc")
+                   "kd_temperature", "calib_images", "lite_calib", "teacher_desc", "split", "select_images",
+                   "lite_split", "lite_select", "distill_steps", "distill_lr", "distill_batch",
+                   "distill_temperature", "distill_bn", "distill_train", "distill_holdout", "distill_no_augment",
+                   "distill_bench_bn", "distill_kl_weight", "distill_feature_weight", "distill_features",
+                   "distill_mixup", "distill_checkpoints", "distill_max_seconds", "reuse_fit")
 
 
 def resumed(path: Path, res: Results) -> Results:
@@ -748,6 +883,40 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lite-calib", type=int, default=300, help="imagenet-val-1300 images for calibration")
     ap.add_argument("--refine-steps", type=int, default=300,
                     help="compress(refine_steps=) for the convfx-idr rows (default: %(default)s)")
+    ap.add_argument("--split", choices=("report", "select"), default="report",
+                    help="where top-1 is measured: 'select' (CIFAR: --select-images train images disjoint from "
+                         "the calibration ones; Lite0: the selection split) to choose variants and settings, "
+                         "'report' (CIFAR: the 10,000 test images; Lite0: the report split) once, after choosing")
+    ap.add_argument("--select-images", type=int, default=2000, help="CIFAR train images of the selection split")
+    ap.add_argument("--lite-split", choices=("random", "classes"), default="random",
+                    help="EfficientNet-Lite0 splits of imagenet-val-1300: random images, or class-disjoint "
+                         "calibration / selection / report classes (a distribution-shift proxy)")
+    ap.add_argument("--lite-select", type=int, default=300, help="Lite0 selection images (random split)")
+    ap.add_argument("--distill-steps", type=int, default=1000, help="compress(distill_steps=) for the +D rows")
+    # None: compress's own default (passes.recover.DistillConfig), filled in by parse()
+    ap.add_argument("--distill-lr", type=float, default=None)
+    ap.add_argument("--distill-batch", type=int, default=None)
+    ap.add_argument("--distill-temperature", type=float, default=None)
+    ap.add_argument("--distill-bn", choices=BN_MODES, default=None)
+    ap.add_argument("--distill-train", choices=TRAIN_SETS, default=None)
+    ap.add_argument("--distill-kl-weight", type=float, default=None, help="weight of the output KL")
+    ap.add_argument("--distill-feature-weight", type=float, default=None,
+                    help="weight of the relative MSE on --distill-features (0: off)")
+    ap.add_argument("--distill-features", default=None,
+                    help="'penultimate' (input of the last Linear) or comma-separated module names")
+    ap.add_argument("--distill-mixup", type=float, default=None, help="fraction of each batch blended (mixup)")
+    ap.add_argument("--distill-checkpoints", type=int, default=None)
+    ap.add_argument("--distill-holdout", type=float, default=None)
+    ap.add_argument("--distill-max-seconds", type=float, default=None,
+                    help="wall-time limit of the recovery stage (DistillConfig.max_seconds; default: none)")
+    ap.add_argument("--no-reuse-fit", dest="reuse_fit", action="store_false",
+                    help="+D rows call compress(distill_steps=) from scratch instead of running the recovery "
+                         "stage on a copy of the plain row's fit of the same point (default: reuse when the "
+                         "plain row is in --methods before it)")
+    ap.add_argument("--distill-no-augment", action="store_true")
+    ap.add_argument("--distill-bench-bn", choices=("auto", "always", "never"), default="never",
+                    help="BN re-estimation by this script after compress for the +D rows (default: never; "
+                         "compress's recovery handles BN per --distill-bn)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
@@ -759,6 +928,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="extend accuracy_<tag>.json in --out-dir: measure only the points it lacks (same "
                          "machine and settings; the fine-tuned baseline is reloaded from the cache)")
     args = ap.parse_args(argv)
+    defaults = DistillConfig()
+    for arg, name in DISTILL_ARGS.items():
+        if getattr(args, arg) is None:
+            setattr(args, arg, getattr(defaults, name))
+    if args.distill_holdout is None:
+        args.distill_holdout = convfx.CompressOptions().distill_holdout
+    if isinstance(args.distill_features, str) and args.distill_features != "penultimate":
+        args.distill_features = ",".join(f.strip() for f in args.distill_features.split(",") if f.strip())
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.targets = [float(t) for t in args.targets.split(",")]

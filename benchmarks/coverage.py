@@ -1,4 +1,5 @@
-"""Run convfx over torchvision / timm classification models: trace, full-rank exactness, reductions, time.
+"""Run convfx over torchvision / timm classification models (and hand-built 1-d / 3-d / transposed-conv
+models): trace, full-rank exactness, reductions, time.
 
 For each model (random init, eval mode, smallest input it accepts): trace ok?; convs found /
 factorized / skipped (with reasons); full-rank Tucker output (SVD for 1x1 convs) vs eager, in
@@ -15,6 +16,7 @@ Each model runs in a child process by default (a crash, OOM kill or timeout cost
 
     python benchmarks/coverage.py --out benchmarks/results/coverage.md             # every torchvision builder
     python benchmarks/coverage.py --suite timm --out benchmarks/results/coverage_timm.md
+    python benchmarks/coverage.py --suite convnd --out benchmarks/results/coverage_convnd.md  # Conv1d/3d, ConvTranspose
     python benchmarks/coverage.py --models resnet18,mobilenet_v3_small --cache '' --out /tmp/c.md
     python benchmarks/coverage.py --report-only --out benchmarks/results/coverage.md  # markdown from the cache
     python benchmarks/coverage.py --models regnet_y_128gf --rerun --lean --exact-only  # huge model, less memory
@@ -96,6 +98,85 @@ TIMM_MODELS: list[tuple[str, str, dict[str, Any], str]] = [
 ]
 TIMM_BY_LABEL = {t[0]: t for t in TIMM_MODELS}
 
+
+# convnd: hand-built models of the conv types torchvision's classifiers do not use
+# (torchaudio is not installed): Conv1d over waveforms and sequences, transposed-conv decoders, Conv3d.
+def m5_audio() -> nn.Module:
+    """M5 (Dai et al. 2017): a raw-waveform classifier, 1-d convs with a long strided first kernel."""
+    def block(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv1d(cin, cout, k, stride=stride), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(4)]
+    return nn.Sequential(*block(1, 128, 80, 4), *block(128, 128, 3), *block(128, 256, 3), *block(256, 512, 3),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(512, 35))
+
+
+class TCN(nn.Module):
+    """A temporal conv net: residual blocks of dilated causal Conv1d (left padding), 1x1 skips."""
+
+    def __init__(self, cin: int = 40, width: int = 96, levels: int = 5, classes: int = 12) -> None:
+        super().__init__()
+        self.inp = nn.Conv1d(cin, width, 1)
+        self.pads = [2 * 2 ** i for i in range(levels)]
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, 3, dilation=2 ** i) for i in range(levels))
+        self.mix = nn.ModuleList(nn.Conv1d(width, width, 1) for _ in range(levels))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(width) for _ in range(levels))
+        self.head = nn.Conv1d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for pad, conv, mix, norm in zip(self.pads, self.convs, self.mix, self.norms):
+            h = h + mix(torch.relu(norm(conv(nn.functional.pad(h, (pad, 0))))))
+        return self.head(h).mean(-1)
+
+
+def dcgan_generator(nz: int = 100, ngf: int = 64) -> nn.Module:
+    """The DCGAN generator (Radford et al. 2016): ConvTranspose2d from a 1x1 latent to 64x64 RGB."""
+    def up(cin: int, cout: int, stride: int, pad: int) -> list[nn.Module]:
+        return [nn.ConvTranspose2d(cin, cout, 4, stride, pad, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*up(nz, ngf * 8, 1, 0), *up(ngf * 8, ngf * 4, 2, 1), *up(ngf * 4, ngf * 2, 2, 1),
+                         *up(ngf * 2, ngf, 2, 1), nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh())
+
+
+class ConvAutoencoder(nn.Module):
+    """An image autoencoder: strided conv encoder, ConvTranspose2d decoder with output padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU())
+        self.dec = nn.Sequential(nn.ConvTranspose2d(128, 64, 3, 2, 1, output_padding=1), nn.ReLU(),
+                                 nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.ReLU(),
+                                 nn.ConvTranspose2d(32, 3, 3, 2, 1, output_padding=1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x))
+
+
+class VolumeUNet(nn.Module):
+    """A small 3-d encoder-decoder (Conv3d down, ConvTranspose3d up, skip concatenation)."""
+
+    def __init__(self, cin: int = 1, width: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.e1 = nn.Sequential(nn.Conv3d(cin, width, 3, padding=1), nn.BatchNorm3d(width), nn.ReLU())
+        self.e2 = nn.Sequential(nn.Conv3d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm3d(2 * width),
+                                nn.ReLU(), nn.Conv3d(2 * width, 2 * width, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose3d(2 * width, width, 2, stride=2)
+        self.d1 = nn.Sequential(nn.Conv3d(2 * width, width, 3, padding=1, padding_mode="replicate"), nn.ReLU(),
+                                nn.Conv3d(width, classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.e1(x)
+        return self.d1(torch.cat([a, self.up(self.e2(a))], 1))
+
+
+# name -> (builder, example input shape, what it exercises)
+CONVND_MODELS: dict[str, tuple[Any, tuple[int, ...], str]] = {
+    "m5_audio": (m5_audio, (1, 1, 8000), "Conv1d: raw waveform, 80-tap strided first kernel"),
+    "tcn": (TCN, (1, 40, 200), "Conv1d: dilated causal (left-padded) residual blocks, 1x1 mixes"),
+    "dcgan_generator": (dcgan_generator, (1, 100, 1, 1), "ConvTranspose2d decoder (1x1 latent to 64x64)"),
+    "conv_autoencoder": (ConvAutoencoder, (1, 3, 64, 64), "Conv2d encoder, ConvTranspose2d with output_padding"),
+    "volume_unet": (VolumeUNet, (1, 1, 16, 16, 16), "Conv3d + ConvTranspose3d, replicate padding, skip concat"),
+}
+
 COLS = ["model", "input", "status", "trace", "convs", "factorized", "skipped", "exact", "vbmf", "target_0.5",
         "seconds", "peak_gb"]
 
@@ -108,6 +189,8 @@ def machine() -> str:
 def suite_names(suite: str) -> list[str]:
     if suite == "timm":
         return [t[0] for t in TIMM_MODELS]
+    if suite == "convnd":
+        return list(CONVND_MODELS)
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -118,7 +201,9 @@ def _tv_size(name: str) -> int:
 
 
 def _build(suite: str, name: str) -> tuple[nn.Module, int, str]:
-    """(model in eval mode, input side, note)."""
+    """(model in eval mode, input side, note); convnd models take the shape in CONVND_MODELS."""
+    if suite == "convnd":
+        return CONVND_MODELS[name][0]().eval(), 0, ""
     if suite == "torchvision":
         kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
         return torchvision.models.get_model(name, weights=None, **kw).eval(), _tv_size(name), ""
@@ -197,8 +282,10 @@ def run_one(suite: str, name: str, size: int | None = None, lean: bool = False,
         if redrawn:
             notes.append(f"re-drew {len(redrawn)} zero-initialised weight tensor(s): {', '.join(redrawn[:3])}"
                          + (", ..." if len(redrawn) > 3 else ""))
-        x = torch.randn(1, 3, size, size)
-        row["convs"] = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        x = torch.randn(CONVND_MODELS[name][1] if suite == "convnd" else (1, 3, size, size))
+        if suite == "convnd":
+            row["input"] = "x".join(map(str, x.shape))
+        row["convs"] = sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         model64, x64 = model.double(), x.double()
         if lean:
             notes.append("lean mode: reference output taken first, compressed in place, model rebuilt (same seed) "
@@ -371,7 +458,8 @@ def _cell(row: dict[str, Any], col: str) -> str:
 
 def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: dict[str, Any],
            cache_path: Path | None, cmd: str) -> str:
-    title = "torchvision classification models" if suite == "torchvision" else "timm models (random init)"
+    title = {"torchvision": "torchvision classification models", "timm": "timm models (random init)",
+             "convnd": "hand-built Conv1d / Conv3d / ConvTranspose models (random init)"}[suite]
     try:
         import timm
         versions = f", timm {timm.__version__}"
@@ -380,6 +468,8 @@ def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: di
     if suite == "torchvision":
         inputs = ("input 1x3xSxS with S=64 (224 for ViT and MaxViT: fixed positional embeddings / window "
                   "partition; 75 for Inception-v3)")
+    elif suite == "convnd":
+        inputs = "the models below (defined in `benchmarks/coverage.py`), input as in the table"
     else:
         inputs = ("`timm.create_model(name, pretrained=False, **kwargs)`; input 1x3xSxS with S=64 if the eager "
                   "model accepts it, else its pretrained_cfg input size (always that size when "
@@ -416,6 +506,10 @@ def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: di
         lines += ["| model | exercises |", "|---|---|"]
         lines += [f"| {t[0]} | `{t[1]}`{' ' + str(t[2]) if t[2] else ''}: {t[3]} |" for t in TIMM_MODELS]
         lines.append("")
+    if suite == "convnd":
+        lines += ["| model | exercises |", "|---|---|"]
+        lines += [f"| {name} | {what} |" for name, (_, _, what) in CONVND_MODELS.items()]
+        lines.append("")
     lines += ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     fn = 0
     notes = []
@@ -439,7 +533,7 @@ def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["torchvision", "timm"], default="torchvision")
+    ap.add_argument("--suite", choices=["torchvision", "timm", "convnd"], default="torchvision")
     ap.add_argument("--models", default="", help="comma-separated subset (default: the whole suite)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="markdown to (re)write from every cached row")

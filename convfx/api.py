@@ -22,7 +22,7 @@ from passes.context import Context
 from passes.flops import annotate_macs, fvcore_macs, propagate_shapes
 from passes.meta import IN_SHAPE, MACS, OUT_SHAPE
 from passes.options import CompressOptions, FilterFn, default_filter
-from passes.pipeline import count_params, run
+from passes.pipeline import check_tensors, count_params, run
 from passes.ranks import RankSpec
 from passes.trace import trace
 
@@ -143,6 +143,8 @@ def compress(
     refine_steps: int = 0,
     latency_target: float | None = None,
     latency_backend: str = "inductor",
+    distill_steps: int = 0,
+    distill_augment: Any = "default",
     progress: bool = True,
 ) -> fx.GraphModule:
     """Replace the convolutions of ``model`` by low-rank factorizations.
@@ -198,6 +200,14 @@ def compress(
             is the fastest model found, and the report says so. Layer times are cached in
             ``$CONVFX_CACHE_DIR`` (default ``$XDG_CACHE_HOME/convfx``).
         latency_backend: how the model will run: ``"inductor"`` (``torch.compile``) or ``"eager"``.
+        distill_steps: after fitting, train the whole compressed network for this many steps
+            to reproduce the original model's outputs on the calibration inputs (label-free:
+            the original is the teacher; labels in the batches are never read). A fifth of
+            the calibration images is held out and picks the weights returned (early
+            stopping), so the result is never worse than the fit on images it did not train
+            on (:mod:`passes.recover`). 0 (default) skips it. Needs ``calibration``.
+        distill_augment: ``"default"`` (flips and padded random crops of image batches),
+            ``None``, or a callable ``(batch) -> batch``.
         progress: show a progress bar while fitting layers.
 
     Example:
@@ -212,7 +222,8 @@ def compress(
         method=method, rank=rank, filter_fn=filter_fn, inplace=inplace, calibration=calibration,
         flops_target=flops_target, rank_multiple=rank_multiple, calibration_batches=calibration_batches,
         calibration_shrink=calibration_shrink, refine_steps=refine_steps, latency_target=latency_target,
-        latency_backend=latency_backend, progress=progress)
+        latency_backend=latency_backend, distill_steps=distill_steps, distill_augment=distill_augment,
+        progress=progress)
     return compress_with(model, example_inputs, options)
 
 
@@ -254,6 +265,7 @@ def analyze(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_tensors(model)
     inputs, assumptions = _resolve_inputs(model, example_inputs)
     gm = trace(model).gm
     propagate_shapes(gm, inputs)

@@ -8,10 +8,13 @@ pickled code, and that every way a checkpoint can be unusable surfaces as one
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import logging
 import os
 import pickle
+import pickletools
 import re
 import secrets
 import warnings
@@ -30,6 +33,7 @@ __all__ = [
     "atomic_save",
     "load_checkpoint",
     "load_state_dict_strict",
+    "pickled_globals",
     "refused_pickle_error",
     "remove_partial_saves",
 ]
@@ -41,7 +45,26 @@ DIGEST_KEY = "__convfx_digest__"
 
 _TMP_SUFFIX = ".tmp"
 _MAX_LISTED = 10
-_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+#: How torch's safe (``weights_only``) unpickler words each refusal to build a Python object;
+#: group 1 names the global it would have had to import or call.
+_REFUSED_RES = (
+    re.compile(r"Unsupported global: GLOBAL ([\w.]+)"),
+    re.compile(r"unsupported GLOBAL ([\w.]+) whose module [\w.]+ is blocked"),
+    re.compile(r"Trying to call reduce for unrecognized function ([^\n]+?)(?: which belongs to [^\n]*)?$", re.M),
+    re.compile(r"Can only create new object for [^\n]*? but got ([^\n]+)$", re.M),
+    re.compile(r"Can only build Tensor, [^\n]*? but got ([^\n]+)$", re.M),
+)
+#: The safe unpickler stops at opcodes it does not know (plain pickles of protocol 0, 4 or 5)
+#: before it looks at any global; such files are scanned for globals without being run.
+_UNKNOWN_OPCODE = "Unsupported operand"
+_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE",
+                         "BINUNICODE", "BINUNICODE8"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+#: torch's zip writer words a failed write (a full disk, a vanished file system) like this.
+_STREAM_WRITER_RE = re.compile(r"PytorchStreamWriter|inline_container")
+#: At most this many concatenated pickles are scanned (a legacy torch file holds five).
+_MAX_PICKLES = 8
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -108,6 +131,18 @@ def _create_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
+def _save_error(exc: OSError, path: Path, doing: str) -> OSError:
+    """``exc`` re-worded to name the user's ``path`` (not the hidden temp file), same type and errno."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    message = f"cannot save {path}: {reason}{f' ({doing})' if doing else ''}"
+    if exc.errno is None:
+        return OSError(message)
+    try:
+        return type(exc)(exc.errno, message)
+    except TypeError:  # an OSError subclass with another constructor
+        return OSError(exc.errno, message)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str], *, checksum: bool = True) -> None:
     """``torch.save`` that never leaves a truncated file under ``path``.
 
@@ -115,25 +150,42 @@ def atomic_save(obj: Any, path: str | os.PathLike[str], *, checksum: bool = True
     system, so the rename is atomic), flushed and fsync'ed, then moved over ``path``
     with :func:`os.replace`.  A crash at any point leaves either the old file or the new
     one.  With ``checksum=True`` a dict gets a content digest under :data:`DIGEST_KEY`
-    that :func:`load_checkpoint` verifies (and strips).
+    that :func:`load_checkpoint` verifies (and strips).  Missing parent folders are
+    created.  A failure (no such folder possible, no permission, disk full, ``path`` is a
+    folder) raises an :class:`OSError` of the same type and errno whose message names
+    ``path`` -- the temporary file is an implementation detail -- and removes the
+    temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _save_error(exc, path, f"cannot create the folder {path.parent}") from exc
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot save {path}: it is a folder")
     if checksum and isinstance(obj, Mapping):
         body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
         obj = {**body, DIGEST_KEY: _digest(body)}
-    fd, tmp_name = _create_temp(path)
+    try:
+        fd, tmp_name = _create_temp(path)
+    except OSError as exc:
+        raise _save_error(exc, path, f"cannot create a file in {path.parent}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise _save_error(exc, path, "") from exc
+        if isinstance(exc, RuntimeError) and _STREAM_WRITER_RE.search(str(exc)):
+            # torch's zip writer reports a failed write (e.g. a full disk) as a RuntimeError
+            raise _save_error(OSError(str(exc).strip().splitlines()[0]), path, "") from exc
         raise
     _fsync_dir(path.parent)
 
@@ -161,18 +213,99 @@ def remove_partial_saves(path: str | os.PathLike[str]) -> int:
     return removed
 
 
-def refused_pickle_error(exc: BaseException, where: str) -> ConvfxError | None:
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle stream of ``path``: ``data.pkl`` of a torch zip file, else the whole file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+            return zf.read(names[0]) if names else b""
+    return path.read_bytes()
+
+
+def pickled_globals(data: bytes) -> list[str]:
+    """Every ``module.name`` a pickle stream imports, read opcode by opcode and never run.
+
+    ``STACK_GLOBAL`` (protocol 4+) takes its two names from the strings pushed just
+    before it, which the pickler writes either literally or as memo references.  A
+    malformed stream yields what was found before the damage.
+    """
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(_MAX_PICKLES):
+        if stream.tell() >= len(data):
+            break
+        memo: dict[int, str | None] = {}
+        pushed: list[str | None] = []  # what each op pushed: a string, or None for anything else
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                    pushed.append(None)
+                elif name == "STACK_GLOBAL":
+                    module, attr = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+                    found.append(f"{module or '?'}.{attr or '?'}")
+                    pushed.append(None)
+                elif name in _STRING_OPS:
+                    pushed.append(arg if isinstance(arg, str) else None)
+                elif name in _GET_OPS:
+                    pushed.append(memo.get(int(arg)))
+                elif name in _PUT_OPS:
+                    memo[int(arg)] = pushed[-1] if pushed else None
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif name not in ("FRAME", "PROTO", "MARK"):
+                    pushed.append(None)
+        except (ValueError, EOFError, TypeError, IndexError):  # damaged: keep what was read
+            break
+    return found
+
+
+def _safe_globals() -> set[str]:
+    """The globals torch's safe unpickler builds (private torch API: empty if it moved)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001 - a private API; without it every global counts as code
+        return set()
+
+
+def _unsafe_globals_in(path: Path) -> list[str]:
+    """The globals in ``path``'s pickle that a safe load would refuse to import."""
+    try:
+        data = _pickle_bytes(path)
+    except (OSError, zipfile.BadZipFile, KeyError, RuntimeError):
+        return []
+    safe = _safe_globals()
+    return list(dict.fromkeys(g for g in pickled_globals(data) if g not in safe))
+
+
+def refused_pickle_error(exc: BaseException, where: str, path: str | os.PathLike[str] | None = None
+                         ) -> ConvfxError | None:
     """The error for a ``weights_only=True`` load refused for pickled code, else None.
 
     One explanation for every loader: which global the safe unpickler would not run,
     why, and (when it is a torch or torchvision class) that the file holds a whole
-    pickled model rather than a state dict.
+    pickled model rather than a state dict.  Every wording of torch's refusal counts
+    (an unknown global, a blocked module such as ``os``/``posix``, a call or class it
+    will not build); when torch stopped earlier, at an opcode it does not read (plain
+    pickles of protocol 0, 4, 5), the file at ``path`` is scanned for globals without
+    running it, so that a code-carrying file is never called corrupted.
     """
-    match = _GLOBAL_RE.search(str(exc))
-    if match is None:
+    text = str(exc)
+    culprits: list[str] = []
+    for pattern in _REFUSED_RES:
+        match = pattern.search(text)
+        if match is not None:
+            culprits = [match.group(1).strip()]
+            break
+    if not culprits and path is not None and _UNKNOWN_OPCODE in text:
+        culprits = _unsafe_globals_in(Path(path))
+    if not culprits:
         return None
-    culprit = match.group(1)
-    if culprit.startswith(("torch.nn.", "torchvision.")):
+    culprit = ", ".join(culprits[:3]) + (f", ... ({len(culprits)} in all)" if len(culprits) > 3 else "")
+    if culprits[0].startswith(("torch.nn.", "torchvision.")):
         hint = ("the file holds a whole pickled model, not a state dict; in a trusted environment "
                 "re-save it with torch.save(model.state_dict(), path)")
     else:
@@ -207,7 +340,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = refused_pickle_error(exc, where)
+        refused = refused_pickle_error(exc, where, path)
         if refused is not None:
             raise refused from exc
         raise ConvfxError(

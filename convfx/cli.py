@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -162,14 +163,24 @@ _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _fraction = _checked(float, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
+# float() accepts "inf" and "nan": every float flag must refuse them (argparse names the flag).
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def _budget_args(g: Any) -> None:
+    """The flags that say how much to compress and what to recover: shared by compress and decomp."""
+    g.add_argument("--rank", type=parse_rank, default="vbmf",
+                   help="vbmf (default), energy:F, an int, a float in (0, 1] (fraction of channels), or r_out,r_in")
+    g.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
+                   help="allocate ranks so that conv MACs are at most F x the original's (replaces --rank)")
+    g.add_argument("--latency-target", type=_fraction, default=None, metavar="F",
+                   help="allocate ranks so that the model runs in F x the original's measured time on this "
+                        "machine, for the --input-shape batch (replaces --rank and --flops-target)")
+    g.add_argument("--latency-backend", choices=("inductor", "eager"), default="inductor",
+                   help="how the model will run, for --latency-target (default: %(default)s = torch.compile)")
+    g.add_argument("--distill-steps", type=_non_negative_int, default=0, metavar="K",
+                   help="after fitting, train the compressed net for K label-free steps to match the original's "
+                        "outputs on the calibration inputs (needs calibration data; default: 0)")
 
 
 def _add_decomp(sub: Any) -> None:
@@ -189,10 +200,7 @@ def _add_decomp(sub: Any) -> None:
                    help="decomposition (default: %(default)s; 1x1 convs always use SVD; auto: tucker or cp "
                         "per layer, with --flops-target; id: narrow the hidden channels of inverted-residual "
                         "blocks, with --flops-target and --calibrate)")
-    g.add_argument("--rank", type=parse_rank, default="vbmf",
-                   help="vbmf (default), energy:F, an int, a float in (0, 1] (fraction of channels), or r_out,r_in")
-    g.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
-                   help="allocate ranks so that conv MACs are at most F x the original's (replaces --rank)")
+    _budget_args(g)
     g.add_argument("--calibrate", type=_positive_int, default=None, metavar="N",
                    help="fit the factors to each layer's outputs on N batches of the training split "
                         "(with its transforms) instead of to the weights alone")
@@ -221,10 +229,13 @@ def _add_compress(sub: Any) -> None:
     p.add_argument("-s", "--state-dict", metavar="PATH", default=None, help="weights to load before decomposing")
     p.add_argument("-d", "--method", choices=COMPRESS_METHODS, default="tucker",
                    help="decomposition (default: %(default)s; auto: tucker or cp per layer, with --flops-target; "
-                        "id needs calibration data: use the decomp command)")
-    p.add_argument("--rank", type=parse_rank, default="vbmf", help="vbmf (default), energy:F, int, float or r_out,r_in")
-    p.add_argument("--flops-target", type=_fraction, default=None, metavar="F",
-                   help="allocate ranks so that conv MACs are at most F x the original's (replaces --rank)")
+                        "id: narrow the hidden channels of inverted-residual blocks, needs --calibration)")
+    _budget_args(p)
+    p.add_argument("--calibration", metavar="DIR", default=None,
+                   help="unlabeled images (a folder in any layout, or a zip) to fit the factors to, with the "
+                        "model's preprocessing (resize + center crop to --input-shape); no labels are read")
+    p.add_argument("--calibration-images", type=_positive_int, default=None, metavar="N",
+                   help="use at most N of the --calibration images (default: all)")
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
                    help="example input (default: 1,3,32,32 for cifar_resnet*, else 1,3,224,224)")
     p.add_argument("-o", "--output", metavar="PATH", default=None,
@@ -279,7 +290,9 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
                    help="example input for --arch (default: 1,3,32,32 for cifar_resnet*, else 1,3,224,224)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--max-rows", type=_positive_int, default=None, metavar="N", help="show at most N layers")
+    p.add_argument("--max-rows", type=_positive_int, default=None, metavar="N",
+                   help="show at most N layers; with --json: keep the first N entries of \"layers\" and add "
+                        "\"layers_omitted\" (how many were left out)")
     _common(p)
     p.set_defaults(func=_cmd_report)
 
@@ -381,6 +394,20 @@ def build_model(arch: str, weights: str | None) -> nn.Module:
     else:
         model = zoo.build(arch, weights=weights)
     return model.eval()
+
+
+def _random_weights_warning(args: argparse.Namespace, arch: str) -> str | None:
+    """Warn (log) that ``arch`` will be compressed with random weights; the line to print too, or None.
+
+    VBMF finds no structure in random kernels and cuts every layer to rank (1, 1): a huge,
+    meaningless "reduction" that nothing else in the output would flag.
+    """
+    if args.weights is not None or getattr(args, "state_dict", None):
+        return None
+    message = (f"no --weights given: {arch} has random weights, so the chosen ranks, errors and reductions "
+               "say nothing about a trained model (pass --weights DEFAULT or a state-dict file)")
+    log.warning(message)
+    return f"warning: {message}"
 
 
 def _load_saved(path: str, arch: str | None) -> torch.fx.GraphModule:
@@ -568,6 +595,9 @@ def _flow(args: argparse.Namespace, *, train: bool) -> int:
         cols.append(_measure("original", original, val, example, args, device))
         ref = next(original.parameters())
         calibration = None if calib_ds is None else _loader(args, calib_ds, shuffle=True)
+        random_note = _random_weights_warning(args, arch)
+        if random_note:
+            print(random_note)
         gm = compress_with(original, example.to(ref.device), args.options.replace(calibration=calibration))
         zoo.tag_model(gm, arch=arch, normalization=zoo.normalization_of(original))
         del original
@@ -616,7 +646,28 @@ def _compress_options(args: argparse.Namespace, method: str, calibrated: bool = 
     return CompressOptions(method=method, rank=args.rank, flops_target=args.flops_target,
                            calibration=_CALIBRATION_LATER if calibrated else None,
                            calibration_batches=getattr(args, "calibrate", None),
-                           refine_steps=getattr(args, "refine_steps", 0), progress=_progress(args))
+                           refine_steps=getattr(args, "refine_steps", 0), progress=_progress(args),
+                           latency_target=getattr(args, "latency_target", None),
+                           latency_backend=getattr(args, "latency_backend", "inductor"),
+                           distill_steps=getattr(args, "distill_steps", 0))
+
+
+def _calibration_images(args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...]) -> Any:
+    """A loader of the --calibration images (unlabeled), preprocessed as the model expects, at ``shape``."""
+    from torch.utils.data import Subset
+
+    from . import data, zoo
+
+    size = shape[-1]
+    norm = zoo.normalization_of(model)
+    transform = (data.cifar10_transform(norm) if size == 32 else
+                 data.imagenet_transform("val", norm, size=size, resize=round(size * 256 / 224)))
+    images = data.unlabeled_images(args.calibration, transform)
+    if args.calibration_images is not None and args.calibration_images < len(images):
+        picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
+        images = Subset(images, picked.tolist())  # type: ignore[assignment]
+    log.info("calibrating on %d unlabeled images from %s", len(images), args.calibration)
+    return data.make_loader(images, 50, shuffle=False, workers=getattr(args, "workers", 0) or 0)
 
 
 def _cmd_decomp(args: argparse.Namespace) -> int:
@@ -656,15 +707,20 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from . import serialize, zoo
     from .api import compress_with
 
-    options = _compress_options(args, args.method)
+    options = _compress_options(args, args.method, calibrated=args.calibration is not None)
     model = build_model(args.arch, args.weights)
     if args.state_dict:
         serialize.load_state_dict(model, args.state_dict)
     shape = args.input_shape or _default_shape(args.arch)
+    random_note = _random_weights_warning(args, args.arch)
+    if args.calibration is not None:
+        options = options.replace(calibration=_calibration_images(args, model, shape))
     gm = compress_with(model, torch.randn(*shape), options)
     zoo.tag_model(gm, arch=args.arch, normalization=zoo.normalization_of(model))
     path = serialize.save(gm, args.output or f"{args.arch}-{args.method}.pt")
     print(gm.convfx_report.to_table())
+    if random_note:
+        print(f"\n{random_note}")
     print(f"\ncompressed model saved to {path}")
     return 0
 
@@ -676,6 +732,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     if (args.file is None) == (args.arch is None):
         raise ValueError("give either a saved MODEL file or --arch NAME (not both)")
+    random_note = None
     if args.file is not None:
         spec = serialize.read_spec(args.file)
         if not isinstance(spec.get("report"), str):
@@ -687,15 +744,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
         options = _compress_options(args, args.method)
         model = build_model(args.arch, args.weights)
         shape = args.input_shape or _default_shape(args.arch)
+        random_note = _random_weights_warning(args, args.arch)  # logged; printed below unless --json
         report = compress_with(model, torch.randn(*shape), options).convfx_report
         budget = f"flops_target {args.flops_target}" if args.flops_target is not None else f"rank {args.rank}"
         title = f"{args.arch} compressed with {args.method}, {budget}"
     if args.json:
-        print(report.to_json())
+        print(_report_json(report, args.max_rows))
     else:
         print(title)
+        if random_note:
+            print(random_note)
         print(report.to_table(max_rows=args.max_rows))
     return 0
+
+
+def _report_json(report: Any, max_rows: int | None) -> str:
+    """The report as JSON; with ``max_rows`` only the first layers, and how many were left out."""
+    if max_rows is None:
+        return report.to_json()
+    data = report.to_dict()
+    layers = list(data.get("layers", []))
+    data["layers"] = layers[:max_rows]
+    data["layers_omitted"] = max(len(layers) - max_rows, 0)
+    return json.dumps(data, indent=2)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
+from passes.latency import default_cache_dir
+
 from convfx.zoo import ASSETS_DIR, CIFAR_NORMALIZATION, IMAGENET_NORMALIZATION, Normalization, normalization_of
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "imagenet",
     "cifar10",
     "demo_data",
+    "UnlabeledImages",
+    "unlabeled_images",
     "make_loader",
     "split_dataset",
 ]
@@ -80,13 +84,15 @@ def _resolve_norm(normalization: NormLike, default: Normalization) -> Normalizat
 # Zip cache
 # --------------------------------------------------------------------------------------
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """Where convfx unpacks archives: argument > ``$CONVFX_CACHE`` > ``~/.cache/convfx``."""
+    """Where convfx unpacks archives: argument > ``$CONVFX_CACHE`` (older name) > the cache
+    directory latency profiles use too (``$CONVFX_CACHE_DIR``, ``$XDG_CACHE_HOME/convfx``,
+    ``~/.cache/convfx``)."""
     if override is not None:
         return Path(override).expanduser()
     env = os.environ.get("CONVFX_CACHE")
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "convfx"
+    return default_cache_dir()
 
 
 def _zip_key(path: Path) -> str:
@@ -355,6 +361,34 @@ def demo_data(normalization: NormLike = None, *, calib_augment: bool = False,
     test = cifar10(DEMO_TEST_ZIP, "test", normalization, cache=cache)
     calib = cifar10(DEMO_CALIB_ZIP, "train", normalization, train_augment=calib_augment, cache=cache)
     return test, calib
+
+
+class UnlabeledImages(Dataset[torch.Tensor]):
+    """Every image file under a folder, in any layout, as transformed tensors without labels.
+
+    Why: post-training compression needs a few hundred representative inputs, not a
+    labelled dataset; a user's folder of images is what they have.
+    """
+
+    def __init__(self, root: Path, transform: Callable[..., Any]) -> None:
+        exts = tuple(datasets.folder.IMG_EXTENSIONS)
+        self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(exts)
+                            and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not self.files:
+            raise ValueError(f"calibration: no image files ({', '.join(exts)}) under {root}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(datasets.folder.default_loader(str(self.files[i])))
+
+
+def unlabeled_images(root: str | os.PathLike[str], transform: Callable[..., Any], *,
+                     cache: str | os.PathLike[str] | None = None) -> UnlabeledImages:
+    """:class:`UnlabeledImages` of a folder or a zip archive (extracted once into the cache)."""
+    return UnlabeledImages(_as_folder(root, cache), transform)
 
 
 # --------------------------------------------------------------------------------------

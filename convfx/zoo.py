@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import urllib.error
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -181,9 +182,12 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if p.is_dir():
         raise ConvfxError("expected a checkpoint file, got a directory", where=where)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of foreign files; the error below is what matters.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all mean "unreadable"
-        refused = refused_pickle_error(exc, where)
+        refused = refused_pickle_error(exc, where, p)
         if refused is not None:
             raise refused from exc
         text = str(exc)
@@ -406,9 +410,10 @@ def torchvision_model(name: str, weights: str | os.PathLike[str] | None = None, 
         if looks_like_enum and not Path(wstr).exists():
             if enum is None:
                 raise ValueError(f"torchvision has no pretrained weights for {name!r}; got weights={wstr!r}")
-            members = ["DEFAULT", *enum.__members__]
+            # __members__ lists aliases too, and DEFAULT is one: name each choice once.
+            members = list(dict.fromkeys(["DEFAULT", *enum.__members__]))
             if wstr not in members:
-                raise ValueError(f"unknown weights {wstr!r} for {name}; choose one of {members} "
+                raise ValueError(f"unknown weights {wstr!r} for {name}; choose one of {', '.join(members)} "
                                  "or pass a local state-dict file")
             tv_weights = enum.DEFAULT if wstr == "DEFAULT" else enum[wstr]
         else:

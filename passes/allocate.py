@@ -12,12 +12,14 @@ Predicted errors come from spectra, weighted by data when there is any:
   of the input-covariance-whitened mode-1 unfolding beyond r_in (relative);
 * svd (r): tail energy of the whitened weight matrix beyond r;
 * cp (R): the tucker error at ranks (min(R, C_out), min(R, C_in)) plus the tail beyond R of
-  the kernel's (C_out·k_h)×(C_in·k_w) matricization (the worse of it and its transpose in
-  space) — each of them is a lower bound, since every matricization of a rank-R CP has
-  rank ≤ R; CP layers are still allocated optimistically (plus a tiny term decreasing in
-  R, so that ranks beyond the channel counts still rank).
+  the kernel's (C_out·k_h)×(C_in·k_w) matricization (the worst over which spatial axis goes
+  with C_out; for 1-d and 3-d kernels alike) — each of them is a lower bound, since every
+  matricization of a rank-R CP has rank ≤ R; CP layers are still allocated optimistically
+  (plus a tiny term decreasing in R, so that ranks beyond the channel counts still rank).
 
 Without data the input covariance is the identity and the output covariance W Wᵀ.
+Kernels of every conv type are read in the (C_out, C_in, k...) layout
+(:func:`passes.convs.oi_kernel`), so transposed convs are allocated like plain ones.
 
 ``method="auto"`` puts the tucker and cp candidates of a k×k layer on one curve
 (:data:`AUTO_METHODS`), so the allocation picks each layer's structure as well as its rank.
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .calibrate import _sym_sqrt
-from .convs import Site
+from .convs import ConvGeometry, Site, module_kernel, oi_kernel
 from .decompose import unfold
 from .factors import FactorPlan, factor_cost, original_cost
 
@@ -110,7 +112,7 @@ def _all_candidates(site: Site, methods: tuple[str, ...], in_shape: tuple[int, .
                     c_out: Tensor | None, multiple: int, out_scale: Tensor | None) -> list[Candidate]:
     """The "keep it" candidate, then every plan of each method in ``methods`` (spectra computed once)."""
     g = site.geometry
-    w = site.weight.detach().to(torch.float64)
+    w = oi_kernel(site.weight.detach(), g).to(torch.float64)
     cout = g.out_channels
     if out_scale is not None:
         d = out_scale.to(w.device, torch.float64)
@@ -146,8 +148,8 @@ def _all_candidates(site: Site, methods: tuple[str, ...], in_shape: tuple[int, .
                   for ro in rank_grid(cout, multiple, points=max(28, min(cout, 48)))
                   for ri in rank_grid(g.in_channels, multiple, points=max(28, min(g.in_channels, 48)))]
     if "cp" in methods:
-        kh, kw = g.kernel_size
-        full = min(cout * g.in_channels * kh * kw // max(cout, g.in_channels), 4 * max(cout, g.in_channels))
+        full = min(cout * g.in_channels * math.prod(g.kernel_size) // max(cout, g.in_channels),
+                   4 * max(cout, g.in_channels))
         tail_mix = _mixed_tails(w, root)
         # The channel terms are 0 once R reaches both channel counts; the mixed
         # matricizations (rank <= R too) still charge the separable spatial part. A tiny
@@ -166,18 +168,25 @@ def _matrix_tails(m: Tensor) -> Tensor:
 
 
 def _mixed_tails(w: Tensor, root: Tensor | None) -> Tensor:
-    """Tail fractions of the (C_out·k_h)×(C_in·k_w) and (C_out·k_w)×(C_in·k_h) matricizations (the larger).
+    """Tail fractions of the (C_out·k_j)×(C_in·∏_{i≠j} k_i) matricizations, one per spatial axis j (the largest).
 
-    Why: every matricization of a rank-R CP kernel has rank <= R, and these two are the
-    ones that see its rank-1 spatial kernels; the channel unfoldings alone call a 3x3
-    kernel exact at R = C, which a rank-C CP seldom is. Input-whitened like the others.
+    Why: every matricization of a rank-R CP kernel has rank <= R, and these are the ones
+    that see its rank-1 spatial kernels (for 2-d: (C_out·k_h)×(C_in·k_w) and
+    (C_out·k_w)×(C_in·k_h)); the channel unfoldings alone call a 3x3 kernel exact at R = C,
+    which a rank-C CP seldom is. Input-whitened like the others.
     """
-    wt = torch.einsum("oihw,ij->ojhw", w, root) if root is not None else w
-    co, ci, kh, kw = wt.shape
-    tails = [_matrix_tails(wt.permute(0, 2, 1, 3).reshape(co * kh, ci * kw)),
-             _matrix_tails(wt.permute(0, 3, 1, 2).reshape(co * kw, ci * kh))]
-    n = min(t.numel() for t in tails)
-    return torch.maximum(tails[0][:n], tails[1][:n])
+    wt = torch.einsum("oi...,ij->oj...", w, root) if root is not None else w
+    co, ci, *k = wt.shape
+    n = len(k)
+    tails = []
+    for j in range(n):
+        rest = [2 + i for i in range(n) if i != j]
+        tails.append(_matrix_tails(wt.permute(0, 2 + j, 1, *rest).reshape(co * k[j], -1)))
+    size = min(t.numel() for t in tails)
+    out = tails[0][:size]
+    for t in tails[1:]:
+        out = torch.maximum(out, t[:size])
+    return out
 
 
 def _top_eigvecs(m: Tensor, r: int) -> Tensor:
@@ -186,7 +195,7 @@ def _top_eigvecs(m: Tensor, r: int) -> Tensor:
 
 
 def predicted_kernel(weight: Tensor, plan: FactorPlan, c_in: Tensor, c_out: Tensor,
-                     out_scale: Tensor | None = None) -> Tensor:
+                     out_scale: Tensor | None = None, geom: ConvGeometry | None = None) -> Tensor:
     """The full kernel of the truncation whose error :func:`layer_candidates` predicts.
 
     Why: swapping it into the model measures what that predicted error really costs at
@@ -194,9 +203,10 @@ def predicted_kernel(weight: Tensor, plan: FactorPlan, c_in: Tensor, c_out: Tens
     svd: whitened truncated SVD; tucker: output projection onto the top ``r_out``
     eigenvectors of the output covariance and whitened input projection onto the top
     ``r_in`` of the mode-1 unfolding; cp: the tucker projection at ranks capped by the
-    channel counts (the same bound its prediction uses).
+    channel counts (the same bound its prediction uses). ``geom`` (needed for transposed
+    convs) says how ``weight`` is laid out; the result has the same layout.
     """
-    w = weight.detach().to(torch.float64)
+    w = (oi_kernel(weight.detach(), geom) if geom is not None else weight.detach()).to(torch.float64)
     cout, cin = w.shape[0], w.shape[1]
     d = (out_scale.to(w.device, torch.float64) if out_scale is not None
          else torch.ones(cout, dtype=torch.float64, device=w.device)).view(-1, *([1] * (w.dim() - 1)))
@@ -216,8 +226,9 @@ def predicted_kernel(weight: Tensor, plan: FactorPlan, c_in: Tensor, c_out: Tens
         w1 = root @ unfold(ws, 1)
         v = _top_eigvecs(w1 @ w1.T, r_in)
         p_in = inv_root @ v @ v.T @ root  # whitened projection on the input-channel mode
-        approx = torch.einsum("oa,aihw,ci->ochw", u @ u.T, ws, p_in)
-    return (approx / d).to(weight.dtype)
+        approx = torch.einsum("oa,ai...,ci->oc...", u @ u.T, ws, p_in)
+    approx = approx / d
+    return (module_kernel(approx, geom) if geom is not None else approx).to(weight.dtype)
 
 
 def probe_points(cands: list[Candidate], fractions: tuple[float, ...] = (0.75, 0.5, 0.3)) -> list[Candidate]:

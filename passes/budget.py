@@ -148,7 +148,7 @@ def sensitivities(ctx: Context, curves: Curves, stats: dict[str, ChannelStats],
     sample = first_images(ctx.batches, SENSITIVITY_IMAGES)
     node_to_site = {n.name: s.fqn for s in ctx.chosen for n in s.nodes if s.fqn in curves}
     probes = {fqn: [(c.err2, predicted_kernel(by_fqn[fqn].weight, c.plan, stats[fqn].c_in, stats[fqn].c_out,
-                                              scales[fqn]))
+                                              scales[fqn], by_fqn[fqn].geometry))
                     for c in probe_points(cands) if c.plan is not None]
               for fqn, cands in curves.items() if fqn in stats}
     progress = ctx.options.progress

@@ -5,8 +5,10 @@ minimises ``Σ ‖W x_o − Ŵ x_c‖²`` where ``x_o`` is the layer's input in 
 model and ``x_c`` its input in the model compressed so far. Targets from the original
 model let each layer correct the error its predecessors left. Only second moments are
 kept (``C_cc = Σ x_c x_cᵀ``, ``C_oc = Σ x_o x_cᵀ``, ``C_oo = Σ x_o x_oᵀ``), streamed
-batch by batch, so memory is O(D²) per layer with D = C_in·k_h·k_w, whatever the
-number of images.
+batch by batch, so memory is O(D²) per layer with D = C_in·∏k, whatever the number of
+images. Every conv type is fitted this way: 1-, 2- and 3-d, and transposed convs through the
+im2col rows of the equivalent stride-1 conv (:func:`patches`); kernels are handled in the
+(C_out, C_in, k...) layout (:func:`passes.convs.oi_kernel`).
 
 Fits:
 
@@ -25,6 +27,7 @@ unregularised solve puts large weights there that do not generalise.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .convs import ConvGeometry
+from .convs import ConvGeometry, module_kernel, oi_kernel
 from .decompose import unfold
-from .factors import output_hw
+from .factors import chain_kernel, cp_components, output_size, pointwise_matrix
 
 __all__ = [
     "MomentStats", "ChannelStats", "Frontier", "patches", "fit_factors", "output_error", "collect_moments",
@@ -49,18 +52,19 @@ _RIDGE = 1e-8
 SHRINK = 0.01
 
 
-def _explicit_padding(geom: ConvGeometry) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding equal to what the conv does."""
+def _explicit_padding(geom: ConvGeometry) -> tuple[int, ...]:
+    """Padding equal to what a plain conv does, in F.pad's order (last axis first, left then right)."""
     if geom.padding == "valid":
-        return (0, 0, 0, 0)
+        return (0,) * (2 * geom.spatial)
+    out: list[int] = []
     if geom.padding == "same":
-        out = []
         for d, k in zip(geom.dilation[::-1], geom.kernel_size[::-1]):
             total = d * (k - 1)
             out += [total // 2, total - total // 2]
-        return (out[0], out[1], out[2], out[3])
-    ph, pw = geom.padding  # type: ignore[misc]
-    return (pw, pw, ph, ph)
+        return tuple(out)
+    for p in geom.padding[::-1]:  # type: ignore[union-attr]
+        out += [p, p]
+    return tuple(out)
 
 
 def _padded(x: Tensor, geom: ConvGeometry) -> Tensor:
@@ -71,12 +75,50 @@ def _padded(x: Tensor, geom: ConvGeometry) -> Tensor:
     return x
 
 
+def _stuffed(x: Tensor, geom: ConvGeometry) -> Tensor:
+    """A transposed conv's input as the plain stride-1 conv with the flipped kernel sees it.
+
+    Why: ``conv_transpose(x)`` equals that conv over ``x`` with ``stride - 1`` zeros between
+    neighbours, padded by ``d(k-1) - p`` (``+ output_padding`` on the right; negative
+    amounts crop), so its im2col rows are the rows of a plain conv.
+    """
+    n = geom.spatial
+    size = [(i - 1) * s + 1 for i, s in zip(x.shape[2:], geom.stride)]
+    out = x.new_zeros(*x.shape[:2], *size)
+    out[(slice(None), slice(None), *(slice(None, None, s) for s in geom.stride))] = x
+    pad: list[int] = []
+    for j in reversed(range(n)):
+        left = geom.dilation[j] * (geom.kernel_size[j] - 1) - geom.padding[j]  # type: ignore[index]
+        pad += [left, left + geom.output_padding[j]]
+    return F.pad(out, pad) if any(pad) else out
+
+
+def _conv_input(x: Tensor, geom: ConvGeometry) -> tuple[Tensor, tuple[int, ...]]:
+    """(padded input, stride) of the plain conv whose patches are the layer's input rows."""
+    if geom.transposed:
+        return _stuffed(x, geom), (1,) * geom.spatial
+    return _padded(x, geom), geom.stride
+
+
+def _rows(windows: Tensor, geom: ConvGeometry) -> Tensor:
+    """(rows, C, k...) windows as feature rows ordered like the (C_out, C_in, k...) kernel's columns."""
+    if geom.transposed:  # the stride-1 conv of :func:`_stuffed` runs over the flipped kernel
+        windows = windows.flip(tuple(range(2, windows.dim())))
+    return windows.reshape(windows.shape[0], -1)
+
+
 def patches(x: Tensor, geom: ConvGeometry) -> Tensor:
-    """The layer's input as rows of D features: im2col patches for convs, rows for Linears."""
+    """The layer's input as rows of D features: im2col patches for convs (any spatial rank, plain
+    or transposed; one row per output position), rows for Linears."""
     if geom.linear:
         return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(_padded(x, geom), geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    xp, stride = _conv_input(x, geom)
+    n = geom.spatial
+    for j, (k, s, d) in enumerate(zip(geom.kernel_size, stride, geom.dilation)):
+        xp = xp.unfold(2 + j, d * (k - 1) + 1, s)[..., ::d]  # (N, C, out..., rest..., k...)
+    order = (0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))  # (N, out..., C, k...)
+    win = xp.permute(order)
+    return _rows(win.reshape(-1, *win.shape[1 + n:]), geom)
 
 
 def sample_positions(x: Tensor, geom: ConvGeometry, rows: int, gen: torch.Generator) -> Tensor | None:
@@ -84,8 +126,7 @@ def sample_positions(x: Tensor, geom: ConvGeometry, rows: int, gen: torch.Genera
     if geom.linear:
         total = x.reshape(-1, x.shape[-1]).shape[0]
     else:
-        oh, ow = output_hw(x.shape[2], x.shape[3], geom)
-        total = x.shape[0] * oh * ow
+        total = x.shape[0] * math.prod(output_size(tuple(x.shape[2:]), geom))
     if total <= rows:
         return None
     return torch.randperm(total, generator=gen)[:rows].sort().values
@@ -97,16 +138,21 @@ def sampled_patches(x: Tensor, geom: ConvGeometry, idx: Tensor | None) -> Tensor
         return patches(x, geom)
     if geom.linear:
         return x.reshape(-1, x.shape[-1])[idx.to(x.device)]
-    xp = _padded(x, geom)
-    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
-    oh, ow = output_hw(x.shape[2], x.shape[3], geom)
-    idx = idx.to(x.device)
-    n, rem = idx // (oh * ow), idx % (oh * ow)
-    i0, j0 = (rem // ow) * sh, (rem % ow) * sw
-    hi = i0[:, None] + dh * torch.arange(kh, device=x.device)  # (rows, kh)
-    wi = j0[:, None] + dw * torch.arange(kw, device=x.device)  # (rows, kw)
-    out = xp.permute(0, 2, 3, 1)[n[:, None, None], hi[:, :, None], wi[:, None, :]]  # rows, kh, kw, C
-    return out.permute(0, 3, 1, 2).reshape(idx.shape[0], -1)
+    xp, stride = _conv_input(x, geom)
+    out = output_size(tuple(x.shape[2:]), geom)
+    n = geom.spatial
+    rem = idx.to(x.device)
+    starts = []
+    for size, s in zip(reversed(out), reversed(stride)):  # unravel, last axis fastest
+        starts.append((rem % size) * s)
+        rem = rem // size
+    starts.reverse()
+    index: list[Tensor] = [rem.view(-1, *([1] * n))]  # the batch index
+    for j, (i0, k, d) in enumerate(zip(starts, geom.kernel_size, geom.dilation)):
+        pos = i0[:, None] + d * torch.arange(k, device=x.device)  # (rows, k_j)
+        index.append(pos.view(-1, *(k if a == j else 1 for a in range(n))))
+    win = xp.movedim(1, -1)[tuple(index)]  # (rows, k..., C)
+    return _rows(win.movedim(-1, 1), geom)
 
 
 @dataclass
@@ -230,7 +276,7 @@ def bn_output_scale(gm: torch.fx.GraphModule, node: torch.fx.Node, signed: bool 
     if len(users) != 1 or users[0].op != "call_module":
         return None
     bn = gm.get_submodule(str(users[0].target))
-    if not isinstance(bn, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) or bn.running_var is None:
+    if not isinstance(bn, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d) or bn.running_var is None:
         return None
     scale = (bn.running_var.detach().to(torch.float64) + bn.eps).rsqrt()
     if bn.weight is not None:
@@ -251,7 +297,8 @@ def _channel_cov(st: MomentStats, cin: int) -> Tensor:
 
 def _tucker_fit(w4: Tensor, geom: ConvGeometry, st: MomentStats, ranks: tuple[int, int],
                 n_refit: int = 2) -> list[Tensor]:
-    cout, cin, kh, kw = w4.shape
+    cout, cin, *k = w4.shape
+    ones = (1,) * len(k)
     r_out, r_in = ranks
     wm = w4.reshape(cout, -1)
     # Output factor: principal subspace of the target outputs y = W x_o.
@@ -265,7 +312,7 @@ def _tucker_fit(w4: Tensor, geom: ConvGeometry, st: MomentStats, ranks: tuple[in
     ev, vec = torch.linalg.eigh((m + m.T) / 2)
     v = vec[:, torch.argsort(ev, descending=True)[:r_in]]
     p = v.T @ inv_root  # first 1x1 conv: (r_in, C_in)
-    t = torch.kron(p, torch.eye(kh * kw, dtype=p.dtype, device=p.device))  # patches → core patches
+    t = torch.kron(p, torch.eye(math.prod(k), dtype=p.dtype, device=p.device))  # patches → core patches
     c_zz = _ridge(t @ st.c_cc @ t.T)
     c_yz = wm @ st.c_oc @ t.T  # Σ y* zᵀ
     g = torch.linalg.solve(c_zz, (u_out.T @ c_yz).T).T  # core given an orthonormal u_out
@@ -276,7 +323,7 @@ def _tucker_fit(w4: Tensor, geom: ConvGeometry, st: MomentStats, ranks: tuple[in
         gram = _ridge(u_out.T @ u_out)
         g = torch.linalg.solve(gram, torch.linalg.solve(c_zz, (u_out.T @ c_yz).T).T)
     # fit_factors re-expresses these with orthonormal outer factors (_orthonormal_tucker).
-    return [p.reshape(r_in, cin, 1, 1), g.reshape(r_out, r_in, kh, kw), u_out.reshape(cout, r_out, 1, 1)]
+    return [p.reshape(r_in, cin, *ones), g.reshape(r_out, r_in, *k), u_out.reshape(cout, r_out, *ones)]
 
 
 def _orthonormal_tucker(p: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -288,17 +335,17 @@ def _orthonormal_tucker(p: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor
     """
     q_in, r_in = torch.linalg.qr(p.T)  # p.T: (C_in, r_in)
     q_out, r_out = torch.linalg.qr(u)  # u: (C_out, r_out)
-    core = torch.einsum("da,abhw,cb->dchw", r_out, g, r_in)
+    core = torch.einsum("da,ab...,cb->dc...", r_out, g, r_in)
     return q_in.T.contiguous(), core, q_out
 
 
-def _cp_last_refit(w4: Tensor, st: MomentStats, first: Tensor, vert: Tensor, horiz: Tensor) -> Tensor:
+def _cp_last_refit(w4: Tensor, st: MomentStats, first: Tensor, stages: list[Tensor]) -> Tensor:
     r = first.shape[0]
-    k = torch.einsum("rc,rh,rw->rchw", first[:, :, 0, 0], vert[:, 0, :, 0], horiz[:, 0, 0, :]).reshape(r, -1)
+    k = cp_components(first, stages).reshape(r, -1)
     wm = w4.reshape(w4.shape[0], -1)
     c_hh = _ridge(k @ st.c_cc @ k.T)
     last = torch.linalg.solve(c_hh, (wm @ st.c_oc @ k.T).T).T
-    return last.reshape(w4.shape[0], r, 1, 1)
+    return last.reshape(w4.shape[0], r, *([1] * (w4.dim() - 2)))
 
 
 def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[int, ...],
@@ -309,14 +356,17 @@ def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[in
     ``out_scale`` (per output channel, e.g. :func:`bn_output_scale`) weights the output
     error; CP's last-factor refit solves each output channel separately, so it needs none.
 
-    Returns ``(weights per factor, Ŵ as a full kernel, relative output error)``. ``cp_init``
-    carries data-free CP factors when ``method == "cp"``.
+    Returns ``(factor chain, Ŵ as a full kernel, relative output error)``: the chain in the
+    (out, in, k...) layout (:func:`passes.factors.module_weights` stores it), Ŵ in the
+    layer's own layout like ``weight``. ``cp_init`` carries the data-free CP chain when
+    ``method == "cp"``.
     """
     raw = st
     if shrink > 0:
         st = st.shrunk(shrink)
-    w = weight.detach().to(torch.float64)
+    w = oi_kernel(weight.detach(), geom).to(torch.float64)
     cout = w.shape[0]
+    ones = (1,) * (w.dim() - 2)
     d = (out_scale.to(w.device, torch.float64) if out_scale is not None
          else torch.ones(cout, dtype=torch.float64, device=w.device))
     dw = w * d.view(-1, *([1] * (w.dim() - 1)))  # fit in the output metric BN will see
@@ -324,21 +374,20 @@ def fit_factors(weight: Tensor, geom: ConvGeometry, method: str, ranks: tuple[in
         a, b = _reduced_rank(dw.reshape(cout, -1), st, ranks[0])
         a, b = _rebalanced(a / d[:, None], b)
         w_hat = (a @ b).reshape(w.shape)
-        out = [b, a] if geom.linear else [b.reshape(b.shape[0], *w.shape[1:]), a.reshape(cout, -1, 1, 1)]
+        out = [b, a] if geom.linear else [b.reshape(b.shape[0], *w.shape[1:]), a.reshape(cout, -1, *ones)]
     elif method == "tucker":
         p, g, u = _tucker_fit(dw, geom, st, (ranks[0], ranks[1]))
-        p, g, u2 = _orthonormal_tucker(p[:, :, 0, 0], g, u[:, :, 0, 0] / d[:, None])
-        out = [p.reshape(p.shape[0], -1, 1, 1), g, u2.reshape(cout, -1, 1, 1)]
-        w_hat = torch.einsum("abhw,oa,bi->oihw", g, u2, p)
+        p, g, u2 = _orthonormal_tucker(pointwise_matrix(p), g, pointwise_matrix(u) / d[:, None])
+        out = [p.reshape(p.shape[0], -1, *ones), g, u2.reshape(cout, -1, *ones)]
+        w_hat = chain_kernel("tucker", out)
     else:
         assert cp_init is not None
-        first, vert, horiz = (t.to(torch.float64) for t in cp_init[:3])
-        last = _cp_last_refit(w, st, first, vert, horiz)
-        out = [first, vert, horiz, last]
-        w_hat = torch.einsum("rc,rh,rw,or->ochw", first[:, :, 0, 0], vert[:, 0, :, 0], horiz[:, 0, 0, :],
-                             last[:, :, 0, 0])
+        first, *stages = (t.to(torch.float64) for t in cp_init[:-1])
+        out = [first, *stages, _cp_last_refit(w, st, first, stages)]
+        w_hat = chain_kernel("cp", out)
     err = output_error(w.reshape(cout, -1), w_hat.reshape(cout, -1), raw)  # on the real rows only
-    return [t.to(weight.dtype).contiguous() for t in out], w_hat.to(weight.dtype), err
+    return [t.to(weight.dtype).contiguous() for t in out], module_kernel(w_hat, geom).to(weight.dtype), err
+
 
 
 class Frontier:

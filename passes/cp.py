@@ -43,11 +43,23 @@ _MAX_SLICES = 64
 _RIDGE = 1e-10
 # Damping of the main phase: a relative ridge on the same matrices. Lossy fits of conv
 # kernels otherwise drift into degenerate solutions whose components cancel each other
-# (component norms far above the kernel's); avoiding them costs a little fit error, but
-# degenerate factors are untrainable (SGD diverges from them). Fits that end below
-# _POLISH_BELOW are near-exact, not degenerate, and are polished with _RIDGE so that exact
-# decompositions stay exact.
+# (component norms far above the kernel's), and degenerate factors are untrainable (SGD
+# diverges from them). Damping keeps the fit out of that basin but biases it: where the
+# least-squares optimum is not degenerate (noisy low-rank kernels) it costs real error.
 _DAMPING = 1e-2
+# So the damped fit is then polished undamped, one accepted sweep at a time, and the
+# polish stops before the first iterate whose degeneracy (CPResult.degeneracy:
+# ||weights|| / ||reconstruction||, 1 for orthogonal components whatever the rank) would
+# exceed _MAX_DEGENERACY.  At 1.5 the components' cross terms cancel at most
+# 1 - 1/1.5**2 (56%) of their energy, about where the damped fits of pretrained CIFAR
+# ResNets already are (and they fine-tune); undamped fits of the same kernels are far
+# beyond it, with the untrainable factors described above.  Well-posed fits (a low-rank
+# kernel plus noise) converge below the bound, so the polish reaches the least-squares
+# optimum; where undamped fits degenerate it keeps the lowest-error iterate within the
+# bound, never worse than the damped fit.  Measurements: benchmarks/results/decompose_speed.md.
+_MAX_DEGENERACY = 1.5
+# Fits that end the damped phase below _POLISH_BELOW are near-exact: they reproduce the
+# kernel itself, and are polished without the bound so that exact decompositions stay exact.
 _POLISH_BELOW = 2e-2
 # The Gram-based error subtracts squared norms, so it resolves relative errors down
 # to ~1e-8 only; below this the fit is exact at float32 precision anyway.
@@ -82,7 +94,8 @@ class CPResult:
 
     ``rel_error`` is the exact ``||T - T_hat||_F / ||T||_F`` of the returned model,
     ``n_iter`` the number of ALS sweeps run and ``converged`` whether the stopping
-    rule fired before ``n_iter_max``.
+    rule fired before ``n_iter_max`` (in a polish the degeneracy bound stopped, it is
+    ``False``).
 
     >>> import torch
     >>> a, b = torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
@@ -106,6 +119,19 @@ class CPResult:
         """Dense tensor ``sum_r weights[r] * outer(factors[0][:, r], factors[1][:, r], ...)``."""
         return _reconstruct(self.weights, self.factors)
 
+    @property
+    def degeneracy(self) -> float:
+        """``||weights||_2 / ||T_hat||_F``: how much the components cancel each other.
+
+        Why: degenerate CP fits reach a low error with huge components of opposite signs
+        whose sum is small, and such factors cannot be fine-tuned.  The ratio is 1 for
+        mutually orthogonal components whatever the rank or the weight spectrum, below 1
+        when they add up, and grows without bound as they cancel.  Computed from the
+        factor Grams (no dense reconstruction); ``inf`` for non-zero weights that sum to
+        nothing, 0 for an all-zero model.
+        """
+        return _degeneracy(self.weights, self.factors)
+
 
 def cp_als(
     tensor: Tensor,
@@ -116,6 +142,7 @@ def cp_als(
     init: str = "auto",
     seed: int = 0,
     damping: float = _DAMPING,
+    max_degeneracy: float = _MAX_DEGENERACY,
 ) -> CPResult:
     """Rank-``rank`` CP decomposition of an N-way tensor by accelerated ALS.
 
@@ -140,9 +167,15 @@ def cp_als(
     unfolding, random columns beyond the mode size) and ``"random"``.
     ``damping`` is a relative Tikhonov ridge on the normal equations: it keeps lossy fits
     away from degenerate solutions whose components cancel each other (huge factors that
-    fine-tuning cannot train) for a slightly higher error; a fit that ends below 2%
-    error is then polished undamped (up to ``n_iter_max`` more sweeps), so exact
-    decompositions stay exact. ``damping=0`` is plain least-squares ALS.
+    fine-tuning cannot train), at the price of a biased fit.  The damped fit is then
+    polished undamped (up to ``n_iter_max`` more sweeps) for as long as its
+    :attr:`CPResult.degeneracy` stays at most ``max_degeneracy``: the result is the
+    least-squares fit where that is not degenerate, else the lowest-error iterate within
+    the bound, and never worse than the damped fit.  A damped fit below 2% error is
+    polished without the bound, so exact decompositions stay exact.
+    ``max_degeneracy=0`` keeps every lossy damped fit as it is (the behaviour before the
+    polish existed), ``math.inf`` polishes to the least-squares fit whatever it is, and
+    ``damping=0`` is plain least-squares ALS (no phases, no bound).
     Sweeps stop after ``n_iter_max``, or when a sweep lowers the relative error by
     less than ``tol`` times its value, or once it is below 1e-7 (the resolution of
     the Gram-based estimate).  ALS only finds a local optimum; ``seed`` drives the
@@ -167,6 +200,9 @@ def cp_als(
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < 1:
         raise ValueError(f"damping must be a float in [0, 1), got {damping!r}")
+    if (isinstance(max_degeneracy, bool) or not isinstance(max_degeneracy, (int, float))
+            or math.isnan(max_degeneracy) or max_degeneracy < 0):
+        raise ValueError(f"max_degeneracy must be a float >= 0 (inf allowed), got {max_degeneracy!r}")
 
     norm2 = float((data * data).sum())
     if norm2 == 0.0:
@@ -178,10 +214,19 @@ def cp_als(
     ridge = max(float(damping), _RIDGE)
     weights, factors, n_iter, converged = _als(data, norm2, weights, factors, n_iter_max, tol, ridge)
     rel_error = float(torch.linalg.vector_norm(data - _reconstruct(weights, factors))) / math.sqrt(norm2)
-    if ridge > _RIDGE and rel_error < _POLISH_BELOW and n_iter_max > 0:
-        weights, factors, more, converged = _als(data, norm2, weights, factors, n_iter_max, tol, _RIDGE)
-        n_iter += more
-        rel_error = float(torch.linalg.vector_norm(data - _reconstruct(weights, factors))) / math.sqrt(norm2)
+    if ridge > _RIDGE and n_iter_max > 0:
+        bound = math.inf if rel_error < _POLISH_BELOW else float(max_degeneracy)
+        damped_error, damped_degeneracy = rel_error, _degeneracy(weights, factors)
+        if damped_degeneracy <= bound:  # else no polished iterate could be kept
+            weights, factors, more, converged = _als(
+                data, norm2, weights, factors, n_iter_max, tol, _RIDGE, max_degeneracy=bound
+            )
+            n_iter += more
+            rel_error = float(torch.linalg.vector_norm(data - _reconstruct(weights, factors))) / math.sqrt(norm2)
+        log.debug(
+            "cp_als: damped fit rel error %.4e degeneracy %.3f; polished (bound %.3g) %.4e",
+            damped_error, damped_degeneracy, bound, rel_error,
+        )
     log.debug(
         "cp_als: shape %s rank %d: %d sweeps, rel error %.4e, converged=%s",
         tuple(data.shape),
@@ -290,6 +335,21 @@ def _random_unit_factors(shape: torch.Size, rank: int, gen: torch.Generator) -> 
         _normalize_columns(torch.randn(n, rank, generator=gen, dtype=torch.float64, device=gen.device))[0]
         for n in shape
     ]
+
+
+def _degeneracy(weights: Tensor, factors: list[Tensor]) -> float:
+    """``||weights|| / ||T_hat||`` from the factor Grams (see :attr:`CPResult.degeneracy`)."""
+    w = weights.to(torch.float64)
+    gram = _hadamard([f.to(torch.float64).T @ f.to(torch.float64) for f in factors])
+    model2 = float(w @ gram @ w)
+    return _ratio(float(w @ w), model2)
+
+
+def _ratio(weights2: float, model2: float) -> float:
+    """``sqrt(weights2 / model2)``, with 0/0 = 0 and x/0 = inf (rounding can make ``model2 <= 0``)."""
+    if weights2 <= 0.0:
+        return 0.0
+    return math.sqrt(weights2 / model2) if model2 > 0.0 else math.inf
 
 
 def _reconstruct(weights: Tensor, factors: list[Tensor]) -> Tensor:
@@ -491,8 +551,12 @@ class _Sweeper:
         out = letters[group.index(mode)] + "Z"
         return torch.einsum(",".join(subs) + "->" + out, *operands).double()
 
-    def sweep(self, factors: list[Tensor]) -> tuple[list[Tensor], Tensor, float]:
-        """Update every factor once; return unit factors, weights and the relative error."""
+    def sweep(self, factors: list[Tensor]) -> tuple[list[Tensor], Tensor, float, float]:
+        """Update every factor once.
+
+        Returns unit factors, weights, ``||T - T_hat||^2 - ||T||^2`` and the degeneracy
+        ``||weights|| / ||T_hat||`` (both from the Grams of the last update, for free).
+        """
         factors = list(factors)
         grams: list[Tensor | None] = [None if n == self.first_mode else f.T @ f for n, f in enumerate(factors)]
         rank = factors[0].shape[1]
@@ -513,8 +577,8 @@ class _Sweeper:
                 grams[mode] = factors[mode].T @ factors[mode]
         # ||T - T_hat||^2 = ||T||^2 - 2 <T, T_hat> + ||T_hat||^2 from the last update
         inner = (mttkrp * unnorm).sum()
-        model2 = (gram_other * (unnorm.T @ unnorm)).sum()
-        return factors, weights, float(model2 - 2 * inner)
+        model2 = float((gram_other * (unnorm.T @ unnorm)).sum())
+        return factors, weights, model2 - 2 * float(inner), _ratio(float(weights @ weights), model2)
 
 
 def _hadamard(mats: list[Tensor | None]) -> Tensor:
@@ -544,9 +608,13 @@ def _solve_normal(gram: Tensor, rhs: Tensor, ridge_eye: Tensor) -> Tensor:
 
 def _als(
     t: Tensor, norm2: float, weights: Tensor, factors: list[Tensor], n_iter_max: int, tol: float,
-    ridge: float = _RIDGE,
+    ridge: float = _RIDGE, max_degeneracy: float = math.inf,
 ) -> tuple[Tensor, list[Tensor], int, bool]:
-    """Extrapolated ALS; returns weights, unit factors, sweeps run and convergence flag."""
+    """Extrapolated ALS; returns weights, unit factors, sweeps run and convergence flag.
+
+    Stops (not converged) before accepting an iterate whose degeneracy exceeds
+    ``max_degeneracy``, returning the last accepted one (initially ``weights, factors``).
+    """
     rank = factors[0].shape[1]
     fast = t.numel() * rank >= _FAST_MIN_WORK and torch.get_float32_matmul_precision() == "highest"
     sweeper = _Sweeper(t, fast=fast, ridge=ridge)
@@ -560,9 +628,16 @@ def _als(
     n_iter = 0
     while n_iter < n_iter_max:
         n_iter += 1
-        new, new_weights, sq = sweeper.sweep(start)
+        new, new_weights, sq, degeneracy = sweeper.sweep(start)
         err_new = math.sqrt(max(sq + norm2, 0.0) / norm2)
-        if err_new <= err_cur or not math.isfinite(err_cur):
+        accept = err_new <= err_cur or not math.isfinite(err_cur)
+        if accept and degeneracy > max_degeneracy:
+            if not extrapolated:
+                log.debug("cp_als: sweep %d would reach degeneracy %.3f > %.3g; stopping", n_iter, degeneracy,
+                          max_degeneracy)
+                break
+            accept = False  # the extrapolation overshot the bound: retry a plain sweep, as on failure below
+        if accept:
             if extrapolated:
                 beta = min(beta_cap, beta * _BETA_GROW)
             previous, current, cur_weights = current, new, new_weights

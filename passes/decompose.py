@@ -49,10 +49,10 @@ def _power_step(gram: Tensor, basis: Tensor) -> Tensor:
 
 
 def tucker2(w: Tensor, ranks: tuple[int, int], n_iter: int = 5, tol: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """Tucker-2 of a conv kernel over its channel modes (Kim et al. 2015).
+    """Tucker-2 of a conv kernel (C_out, C_in, k...) of any spatial rank over its channel modes (Kim et al. 2015).
 
     Returns ``(core, u_out, u_in)`` with ``w ≈ core ×0 u_out ×1 u_in``:
-    ``core`` is (r_out, r_in, kh, kw), ``u_out`` (C_out, r_out), ``u_in`` (C_in, r_in), both
+    ``core`` is (r_out, r_in, k...), ``u_out`` (C_out, r_out), ``u_in`` (C_in, r_in), both
     with orthonormal columns. HOSVD initialisation, then HOOI sweeps in which each
     factor takes one subspace-iteration step (a matrix product and a thin QR instead of
     a full eigendecomposition), until the fit stops improving by more than ``tol``.
@@ -70,15 +70,15 @@ def tucker2(w: Tensor, ranks: tuple[int, int], n_iter: int = 5, tol: float = 1e-
     norm2 = float(wd.pow(2).sum())
     prev_fit = -1.0
     for _ in range(0 if exact else n_iter):
-        y_out = unfold(torch.einsum("oihw,ib->obhw", wd, u_in), 0)
+        y_out = unfold(torch.einsum("oi...,ib->ob...", wd, u_in), 0)
         u_out = _power_step(y_out @ y_out.T, u_out)
-        y_in = unfold(torch.einsum("oihw,oa->aihw", wd, u_out), 1)
+        y_in = unfold(torch.einsum("oi...,oa->ai...", wd, u_out), 1)
         u_in = _power_step(y_in @ y_in.T, u_in)
         fit = float((u_in.T @ y_in).pow(2).sum()) / norm2 if norm2 > 0 else 1.0
         if prev_fit >= 0 and abs(fit - prev_fit) <= tol * max(fit, 1e-30):
             break
         prev_fit = fit
-    core = torch.einsum("oihw,oa,ib->abhw", wd, u_out, u_in)
+    core = torch.einsum("oi...,oa,ib->ab...", wd, u_out, u_in)
     return core.to(w.dtype), u_out.to(w.dtype), u_in.to(w.dtype)
 
 

@@ -95,6 +95,10 @@ def fit_sequentially(gm: fx.GraphModule, ref: fx.GraphModule, sites: list[Site],
                 ws, result.errors[site.fqn] = decompose_weights(site.weight, site.bias, site.geometry, plan)
             else:
                 st = collect_moments(f_ref, f_cur, name, site.geometry)
+                if not float(torch.diagonal(st.c_oo).sum()) > 0:
+                    raise ConvfxError("the calibration inputs reach this layer with zero energy (all-zero "
+                                      "images?): there is nothing to fit its factors to", where=site.fqn,
+                                      hint="calibrate on real inputs, or compress without calibration")
                 cp_init = None
                 if plan.method == "cp":
                     cp_init, _ = decompose_weights(site.weight, site.bias, site.geometry, plan)
@@ -178,7 +182,9 @@ def fit_allocations(ctx: Context, allocations: list[Allocation]) -> None:
             ws, result.errors[site.fqn] = decompose_weights(site.weight, site.bias, site.geometry, plan)
             return ws
 
-        ctx.done = factorize_sites(gm, ctx.chosen, _factor_plans(plans), weights)
+        todo = _factor_plans(plans)  # decompositions take minutes on large nets (CP-ALS): show progress
+        bar = tqdm([s for s in ctx.chosen if s.fqn in todo], desc="decomposing", **_bar(o.progress))
+        ctx.done = factorize_sites(gm, bar, todo, weights)  # type: ignore[arg-type]
     for site in ctx.chosen:
         p = plans[site.fqn]
         plan = p if isinstance(p, FactorPlan) else None

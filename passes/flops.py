@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .convs import CONV_FUNCTIONS
 from .errors import ConvfxError
 from .meta import IN_SHAPE, MACS, OUT_SHAPE
 
@@ -91,21 +92,22 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Any
 def annotate_macs(gm: fx.GraphModule) -> int:
     """Write fvcore-convention MACs of each conv/linear node into ``node.meta[MACS]``.
 
-    Uses fvcore's own per-op formulas on the recorded shapes; returns the conv total.
-    Requires :func:`propagate_shapes` first.
+    Uses fvcore's own per-op formulas on the recorded shapes (every conv type: 1-3 d,
+    plain or transposed); returns the conv total. Requires :func:`propagate_shapes` first.
     """
     _, handles = _import_fvcore()
     conv_total = 0
     for node in gm.graph.nodes:
         w_shape: tuple[int, ...] | None = None
-        is_linear = False
+        is_linear = transposed = False
         if node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
-            if isinstance(mod, nn.Conv2d):
-                w_shape = tuple(mod.weight.shape)
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                w_shape, transposed = tuple(mod.weight.shape), bool(mod.transposed)
             elif isinstance(mod, nn.Linear):
                 w_shape, is_linear = tuple(mod.weight.shape), True
-        elif node.op == "call_function" and node.target in (torch.conv2d, torch.nn.functional.conv2d):
+        elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
+            transposed = CONV_FUNCTIONS[node.target][1]
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             if isinstance(w, fx.Node) and w.op == "get_attr":
                 obj: Any = gm
@@ -121,7 +123,7 @@ def annotate_macs(gm: fx.GraphModule) -> int:
         if is_linear:
             macs = int(torch.Size(x_shape).numel() * w_shape[0])
         else:
-            macs = int(handles.conv_flop_count(list(x_shape), list(w_shape), list(y_shape), False))
+            macs = int(handles.conv_flop_count(list(x_shape), list(w_shape), list(y_shape), transposed))
             conv_total += macs
         node.meta[MACS] = macs
     return conv_total

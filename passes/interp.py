@@ -117,7 +117,7 @@ def find_chains(gm: fx.GraphModule, sites: list[Site] | None = None) -> list[Cha
     nothing else; each conv and BN in it is called once.
     """
     sites = find_sites(gm, include_linear=False)[0] if sites is None else sites
-    by_node = {s.nodes[0]: s for s in sites if len(s.nodes) == 1 and not s.geometry.linear}
+    by_node = {s.nodes[0]: s for s in sites if len(s.nodes) == 1 and s.geometry.is_conv2d}  # 4-d kernels only
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":

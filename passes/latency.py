@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .convs import ConvGeometry
-from .factors import FactorPlan, build_factor_modules, tucker_keeps
+from .factors import FactorPlan, build_factor_modules, conv_module, tucker_keeps
 
 __all__ = [
     "BACKENDS", "Timing", "time_interleaved", "prepare", "time_models", "LayerSpec", "build_layer",
@@ -272,9 +272,9 @@ class LayerSpec:
             if not shape or shape[-1] != g.in_channels:
                 raise ValueError(f"input_shape: a Linear({g.in_channels}, ...) needs last dim {g.in_channels}, "
                                  f"got {shape}")
-        elif len(shape) != 4 or shape[1] != g.in_channels:
-            raise ValueError(f"input_shape: a conv with {g.in_channels} input channels needs (N, {g.in_channels}, "
-                             f"H, W), got {shape}")
+        elif len(shape) != 2 + len(g.kernel_size) or shape[1] != g.in_channels:
+            raise ValueError(f"input_shape: a {len(g.kernel_size)}-d conv with {g.in_channels} input channels needs "
+                             f"(N, {g.in_channels}, {len(g.kernel_size)} spatial sizes), got {shape}")
         if self.plan is None or tucker_keeps(g, self.plan, True) == (True, True):
             object.__setattr__(self, "fold_square", True)
 
@@ -289,10 +289,7 @@ class LayerSpec:
 
 
 def _original_module(g: ConvGeometry, **factory: Any) -> nn.Module:
-    if g.linear:
-        return nn.Linear(g.in_channels, g.out_channels, bias=g.bias, **factory)
-    return nn.Conv2d(g.in_channels, g.out_channels, g.kernel_size, stride=g.stride, padding=g.padding,
-                     dilation=g.dilation, groups=g.groups, bias=g.bias, padding_mode=g.padding_mode, **factory)
+    return conv_module(g, **factory)
 
 
 def build_layer(spec: LayerSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -312,11 +309,13 @@ def build_layer(spec: LayerSpec, dtype: torch.dtype = torch.float32, device: tor
 
 
 def _describe(m: nn.Module) -> str:
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, nn.modules.conv._ConvNd):
         pad = m.padding if isinstance(m.padding, str) else "x".join(map(str, m.padding))
-        return (f"conv {m.in_channels}>{m.out_channels} k{'x'.join(map(str, m.kernel_size))} "
+        kind = "conv" if type(m) is nn.Conv2d else type(m).__name__.lower()  # Conv2d keys as they always were
+        extra = f" op{'x'.join(map(str, m.output_padding))}" if m.transposed else ""
+        return (f"{kind} {m.in_channels}>{m.out_channels} k{'x'.join(map(str, m.kernel_size))} "
                 f"s{'x'.join(map(str, m.stride))} p{pad} d{'x'.join(map(str, m.dilation))} g{m.groups} "
-                f"b{int(m.bias is not None)} {m.padding_mode}")
+                f"b{int(m.bias is not None)} {m.padding_mode}{extra}")
     if isinstance(m, nn.Linear):
         return f"linear {m.in_features}>{m.out_features} b{int(m.bias is not None)}"
     raise TypeError(f"cannot describe {type(m).__name__}")

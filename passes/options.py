@@ -66,6 +66,12 @@ class CompressOptions:
     #: Builds what measures time, from (original model, example inputs, backend); default
     #: :class:`passes.speed.MeasuredMeter`. Tests inject deterministic meters here.
     latency_meter: Callable[..., Any] | None = None
+    distill_steps: int = 0
+    distill_augment: Any = "default"
+    #: Further :class:`passes.recover.DistillConfig` fields (``lr``, ``batch_size``, ``bn``, ...).
+    distill_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Fraction of the calibration images kept out of distillation to choose its weights on.
+    distill_holdout: float = 0.2
     #: method="id": fit a chain that joins a residual add to the original block output
     #: (:func:`passes.interp.skip_join`) rather than to its last conv's own output.
     skip_targets: bool = True
@@ -106,12 +112,35 @@ class CompressOptions:
         limit = self.calibration_batches
         if limit is not None and (not _is_int(limit) or limit < 1):
             raise ValueError(f"calibration_batches: expected a positive int, got {limit!r}")
+        self._check_distill()
         if method == "id":
             if self.calibration is None:
                 raise ValueError("calibration: method='id' refits each chain's last conv on data; "
                                  "pass calibration=...")
             if self.rank_multiple > 1:
                 raise ValueError("rank_multiple: not supported with method='id' (widths are allocated per channel)")
+
+    def _check_distill(self) -> None:
+        from .recover import DistillConfig
+
+        unknown = sorted(set(self.distill_settings) - {f.name for f in dataclasses.fields(DistillConfig)}
+                         | ({"steps", "augment"} & set(self.distill_settings)))
+        if unknown:
+            raise ValueError(f"distill_settings: unknown or misplaced key(s) {unknown} (steps and augment are "
+                             "distill_steps and distill_augment)")
+        self.distill_config  # DistillConfig checks each value and names the argument
+        h = self.distill_holdout
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < 1:
+            raise ValueError(f"distill_holdout: expected a fraction in [0, 1), got {h!r}")
+        if self.distill_steps and self.calibration is None:
+            raise ValueError("distill_steps: distillation trains on unlabeled inputs; pass calibration=...")
+
+    @property
+    def distill_config(self) -> Any:
+        """The recovery stage's settings (:class:`passes.recover.DistillConfig`)."""
+        from .recover import DistillConfig
+
+        return DistillConfig(steps=self.distill_steps, augment=self.distill_augment, **dict(self.distill_settings))
 
     def _check_latency(self) -> None:
         target = self.latency_target

@@ -23,9 +23,9 @@ class LayerReport:
 
     fqn: str
     kind: str  # "conv" | "linear"
-    shape: tuple[int, ...]  # (C_out, C_in/groups, k_h, k_w) or (out, in)
-    kernel: tuple[int, int] | None
-    stride: tuple[int, int] | None
+    shape: tuple[int, ...]  # the weight's: (C_out, C_in/groups, k...); transposed: (C_in, C_out/groups, k...)
+    kernel: tuple[int, ...] | None  # one entry per spatial axis (1-3)
+    stride: tuple[int, ...] | None
     method: str | None  # None when skipped
     ranks: tuple[int, ...] | None
     macs_before: int

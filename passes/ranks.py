@@ -8,7 +8,7 @@ A rank spec is one of:
 * ``(r_out, r_in)`` — tucker ranks (SVD layers use ``min(r_out, r_in)``);
 * ``float`` f in (0, 1] — tucker: ``ceil(f·C)`` per channel mode; svd: ``ceil(f·full rank)``;
   cp: the R whose factor parameters are about ``f`` × the original layer's parameters,
-  ``R = ceil(f · C_out·C_in·k_h·k_w / (C_in + k_h + k_w + C_out))``;
+  ``R = ceil(f · C_out·C_in·∏k / (C_in + Σk + C_out))`` (k: the kernel's sides, 1-3 of them);
 * a ``dict`` mapping a layer's qualified name to any of the above (other layers are
   left alone and reported as such).
 
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
-from .convs import ConvGeometry, Site
+from .convs import ConvGeometry, Site, oi_kernel
 from .decompose import energy_rank, unfold
 from .errors import ConvfxError
 from .factors import METHODS, FactorPlan, factor_cost, max_ranks, original_cost
@@ -111,7 +111,12 @@ def skip_reason(geom: ConvGeometry) -> str | None:
 
 
 def _svd_matrix(site: Site) -> torch.Tensor:
-    return site.weight.detach().reshape(site.geometry.out_channels, -1)
+    return _oi_weight(site).reshape(site.geometry.out_channels, -1)
+
+
+def _oi_weight(site: Site) -> torch.Tensor:
+    """The site's kernel in the (C_out, C_in, k...) layout whatever its conv type."""
+    return oi_kernel(site.weight.detach(), site.geometry)
 
 
 def _auto_rank(site: Site, method: str, rule: str) -> tuple[int, ...]:
@@ -127,14 +132,13 @@ def _auto_rank(site: Site, method: str, rule: str) -> tuple[int, ...]:
             return energy_rank(m, frac)
     if method == "svd":
         return (estimate(_svd_matrix(site)),)
-    r_out = estimate(unfold(site.weight.detach(), 0))
-    r_in = estimate(unfold(site.weight.detach(), 1))
+    r_out = estimate(unfold(_oi_weight(site), 0))
+    r_in = estimate(unfold(_oi_weight(site), 1))
     return (r_out, r_in) if method == "tucker" else (max(r_out, r_in),)
 
 
 def _explicit_rank(site: Site, method: str, value: Any) -> tuple[int, ...]:
     g = site.geometry
-    kh, kw = g.kernel_size
     if isinstance(value, list):
         value = tuple(value)
     if isinstance(value, float):
@@ -142,7 +146,8 @@ def _explicit_rank(site: Site, method: str, value: Any) -> tuple[int, ...]:
             return (math.ceil(value * g.out_channels), math.ceil(value * g.in_channels))
         if method == "svd":
             return (max(1, math.ceil(value * max_ranks(g, "svd")[0])),)
-        full = g.out_channels * g.in_channels * kh * kw / (g.in_channels + kh + kw + g.out_channels)
+        full = (g.out_channels * g.in_channels * math.prod(g.kernel_size)
+                / (g.in_channels + sum(g.kernel_size) + g.out_channels))
         return (max(1, math.ceil(value * full)),)
     if isinstance(value, int):
         return (value, value) if method == "tucker" else (value,)

@@ -36,7 +36,6 @@ import torch.fx as fx
 from torch import nn
 
 from .allocate import Candidate, _hull, allocate
-from .batches import model_device
 from .context import Context
 from .convs import ConvGeometry, Site, find_sites
 from .factors import FactorPlan

@@ -1,7 +1,7 @@
 """Symbolic tracing that keeps convolutions visible to the rewrite pass.
 
-Plain ``nn.Conv2d`` modules (and subclasses that do not override ``forward``) stay
-``call_module`` leaves, so that the rewrite can swap them as a unit. Subclasses that
+Plain conv modules (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and subclasses that
+do not override ``forward``) stay ``call_module`` leaves, so that the rewrite can swap them as a unit. Subclasses that
 override ``forward`` (for example a "static same padding" conv that pads and then calls
 ``F.conv2d`` on its own weight) are traced *into*: swapping them for plain convs would
 silently drop their extra logic. Their convolution then appears as a ``call_function``
@@ -25,14 +25,13 @@ __all__ = ["ConvfxTracer", "TraceResult", "trace", "is_plain_conv"]
 
 log = logging.getLogger(__name__)
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PLAIN_FORWARDS = frozenset(t.forward for t in _CONV_TYPES)
 
 
 def is_plain_conv(module: nn.Module) -> bool:
     """True for a conv whose behaviour is fully described by its hyperparameters."""
-    return isinstance(module, _CONV_TYPES) and type(module).forward in {
-        nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
-    }
+    return isinstance(module, _CONV_TYPES) and type(module).forward in _PLAIN_FORWARDS
 
 
 class ConvfxTracer(fx.Tracer):

@@ -185,6 +185,9 @@ def test_finetune_subcommand(full_run: tuple[Path, str], data_root: Path, tmp_pa
     ["compress", "--rank", "banana"],
     ["compress", "--rank", "1.5"],
     ["compress", "--flops-target", "2"],
+    ["compress", "--latency-target", "0"],
+    ["compress", "--latency-backend", "tvm"],
+    ["compress", "--distill-steps", "-3"],
     ["report", "--input-shape", "3,x"],
     ["decomp", "-p", "data", "-d", "qr"],
     ["eval", "-p", "data", "--batch-size", "0"],
@@ -210,6 +213,13 @@ def test_bad_flags_give_usage_and_exit_2(argv: list[str], capsys: pytest.Capture
      "needs --class-list"),
     (["decomp", "-p", "{data}", "--arch", "cifar_resnet20", "-d", "tucker", "--refine-steps", "10", "-v"],
      "refine_steps: only method='id'"),
+    (["compress", "--arch", "cifar_resnet20", "--latency-target", "0.5", "--flops-target", "0.5"],
+     "latency_target: pass either flops_target or latency_target"),
+    (["compress", "--arch", "cifar_resnet20", "--distill-steps", "10", "--flops-target", "0.5"],
+     "distill_steps: distillation trains on unlabeled inputs"),
+    (["compress", "--arch", "cifar_resnet20", "--weights", "DEFAULT", "--calibration", "{tmp}/missing",
+      "--flops-target", "0.5"],
+     "dataset path not found"),
 ])
 def test_library_errors_are_one_clear_line(argv: list[str], message: str, data_root: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str],
@@ -225,6 +235,74 @@ def test_library_errors_are_one_clear_line(argv: list[str], message: str, data_r
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[0].startswith("convfx: error: ") and message in lines[0], err
     assert "Traceback" not in err and len(lines) <= 2  # the error, and at most a hint
+
+
+@pytest.mark.parametrize("command,flag,value", [
+    *(("decomp", "--lr", v) for v in ("inf", "nan", "1e999", "-0.1", "0")),
+    *(("finetune", "--lr", v) for v in ("inf", "-inf", "nan")),
+    ("decomp", "--flops-target", "nan"), ("decomp", "--flops-target", "inf"),
+])
+def test_float_flags_refuse_non_finite_numbers(command: str, flag: str, value: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [command, "-p", "data", "-m", "model.pt", f"{flag}={value}", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a" in err and repr(value) in err, err
+    assert "Traceback" not in err
+
+
+def test_report_json_honours_max_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["report", "--arch", "cifar_resnet20", "--weights", "DEFAULT", "--rank", "0.5", "--json", "-q"]
+    assert main(argv) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert "layers_omitted" not in full
+    n = len(full["layers"])
+    assert main([*argv, "--max-rows", "3"]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["layers"] == full["layers"][:3] and cut["layers_omitted"] == n - 3
+    assert {k: v for k, v in cut.items() if k not in ("layers", "layers_omitted", "seconds")} == \
+        {k: v for k, v in full.items() if k not in ("layers", "seconds")}
+    assert main([*argv, "--max-rows", str(n + 5)]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["layers"] == full["layers"] and whole["layers_omitted"] == 0
+    assert main(["report", "--help"]) == 0
+    assert "layers_omitted" in " ".join(capsys.readouterr().out.split())
+
+
+_RANDOM = "no --weights given: {arch} has random weights"
+
+
+def test_compress_without_weights_warns_that_they_are_random(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    note = _RANDOM.format(arch="cifar_resnet20")
+    path = tmp_path / "random.pt"
+    assert main(["compress", "--arch", "cifar_resnet20", "-o", str(path), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: {note}" in out and f"WARNING: {note}" in err and path.is_file()
+    assert main(["compress", "--arch", "cifar_resnet20", "--weights", "DEFAULT", "-o", str(path), "-q"]) == 0
+    assert "random weights" not in "".join(capsys.readouterr())
+    # report --arch: the warning on stderr, and the JSON on stdout stays JSON
+    assert main(["report", "--arch", "cifar_resnet20", "--json", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["layers"] and f"WARNING: {note}" in err
+    assert main(["report", "--arch", "cifar_resnet20", "-q"]) == 0
+    assert f"warning: {note}" in capsys.readouterr().out
+
+
+def test_decomp_without_weights_warns_that_they_are_random(data_root: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["decomp", "-p", str(data_root), "--arch", "cifar_resnet20", "-d", "tucker", "--rank", "0.5", "-v",
+            "--out", str(tmp_path), *COMMON]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    note = _RANDOM.format(arch="cifar_resnet20")
+    assert f"warning: {note}" in out and f"WARNING: {note}" in err
+    from convfx import zoo
+
+    state = tmp_path / "weights.pt"
+    torch.save(zoo.demo_model().state_dict(), state)
+    assert main([*argv, "-s", str(state)]) == 0  # weights from -s: not random
+    assert "random weights" not in "".join(capsys.readouterr())
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -286,3 +364,19 @@ def test_full_demo_shows_auto_ahead_of_tucker_at_the_smallest_budget(tmp_path: P
     tucker = next(r for r in rows if r["method"] == "tucker" and r["target"] == auto["target"])
     assert auto["conv_macs"] <= auto["target"] * rows[0]["conv_macs"]
     assert auto["top1"] > tucker["top1"]
+
+
+def test_compress_calibrates_on_a_folder_of_unlabeled_images(data_root: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``--calibration DIR``: any layout (here nested class folders and a loose file), no labels; with
+    --distill-steps the recovery stage runs on them and the report says so."""
+    shutil.copy(next((data_root / "test" / "cat").iterdir()), data_root / "train" / "loose.png")
+    out = tmp_path / "m.pt"
+    code = main(["compress", "--arch", "cifar_resnet20", "--weights", "DEFAULT", "--flops-target", "0.5",
+                 "--calibration", str(data_root / "train"), "--distill-steps", "3", "-o", str(out), "-q"])
+    (data_root / "train" / "loose.png").unlink()
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "factors fitted on 1 calibration batch(es), 13 input(s)" in text
+    assert "distill: " in text
+    assert serialize.load(out).convfx_report.conv_reduction >= 1.99

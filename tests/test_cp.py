@@ -211,6 +211,109 @@ def _cancellation(res: CPResult) -> float:
     return float(res.weights.abs().sum() / res.reconstruct().norm())
 
 
+def _noisy_low_rank(shape: tuple[int, ...], rank: int, noise: float, seed: int) -> torch.Tensor:
+    """An exactly rank-``rank`` tensor plus i.i.d. noise of ``noise`` times its norm."""
+    t = _low_rank(shape, rank, seed)
+    n = torch.randn(t.shape, generator=_gen(seed + 1000), dtype=torch.float64)
+    return t + noise * t.norm() / n.norm() * n
+
+
+def _border_rank(shape: tuple[int, ...], noise: float, seed: int) -> torch.Tensor:
+    """``sum_k a (x) .. b (in mode k) .. (x) a`` (plus noise): rank N, border rank 2.
+
+    Its best rank-2 approximation does not exist: the infimum is approached only by two
+    components that grow without bound and cancel each other, the textbook degenerate fit.
+    """
+    g = _gen(seed)
+    a = [torch.randn(n, generator=g, dtype=torch.float64) for n in shape]
+    b = [torch.randn(n, generator=g, dtype=torch.float64) for n in shape]
+    t = sum(_kruskal([(b if i == k else a)[i][:, None] for i in range(len(shape))]) for k in range(len(shape)))
+    n = torch.randn(shape, generator=g, dtype=torch.float64)
+    return t + noise * t.norm() / n.norm() * n
+
+
+def parafac_like(t: torch.Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-8) -> float:
+    """Stand-in for tensorly's ``parafac(t, rank, init="svd", n_iter_max=100)`` (tensorly is a
+    benchmark-only dependency): leading left singular vectors of each unfolding (uniform
+    random columns beyond the mode size), plain least-squares ALS, stop when the relative
+    error changes by less than ``tol``."""
+    g = _gen(0)
+    factors = []
+    for mode, size in enumerate(t.shape):
+        u = torch.linalg.svd(_unfold(t, mode), full_matrices=False)[0][:, :rank]
+        if rank > size:
+            u = torch.cat([u, torch.rand(size, rank - size, generator=g, dtype=torch.float64)], dim=1)
+        factors.append(u)
+    err = prev = math.inf
+    for _ in range(n_iter_max):
+        for mode in range(t.ndim):
+            others = [factors[m] for m in range(t.ndim) if m != mode]
+            gram = torch.ones(rank, rank, dtype=torch.float64)
+            for m in others:
+                gram = gram * (m.T @ m)
+            rhs = _unfold(t, mode) @ _khatri_rao_explicit(others)
+            factors[mode] = torch.linalg.lstsq(gram, rhs.T).solution.T
+        prev, err = err, _rel(t, _kruskal(factors))
+        if abs(prev - err) < tol:
+            break
+    return err
+
+
+@pytest.mark.parametrize(("shape", "rank", "seed"), [((24, 20, 3, 3), 8, 1), ((32, 32, 3, 3), 12, 1)])
+def test_default_matches_plain_als_on_noisy_low_rank(shape: tuple[int, ...], rank: int, seed: int) -> None:
+    """A low-rank kernel plus 5% noise has a well-posed least-squares fit: the default (damped,
+    then polished within the degeneracy bound) must reach it, i.e. be no worse than plain ALS
+    from an SVD start (tensorly's parafac), where damping alone stays measurably worse."""
+    t = _noisy_low_rank(shape, rank, 0.05, seed)
+    reference = parafac_like(t, rank)
+    default = cp_als(t, rank)
+    damped_only = cp_als(t, rank, max_degeneracy=0.0)
+    assert default.rel_error <= reference * (1 + 1e-6)
+    assert damped_only.rel_error > reference * 1.2  # what the polish fixes
+    assert default.degeneracy < 1.5
+
+
+def test_degeneracy_guard_engages_on_a_border_rank_tensor() -> None:
+    """Undamped polishing of a rank-2 fit of a border-rank-2 tensor runs off into cancelling
+    components; the bound stops it within 1.5, still improving on the damped fit."""
+    t = _border_rank((6, 5, 3, 3), noise=0.1, seed=0)
+    default = cp_als(t, 2)
+    unbounded = cp_als(t, 2, max_degeneracy=math.inf)
+    damped_only = cp_als(t, 2, max_degeneracy=0.0)
+    assert unbounded.degeneracy > 10
+    assert default.degeneracy <= 1.5
+    assert not default.converged  # the bound, not the tolerance, ended the polish
+    assert unbounded.rel_error < default.rel_error < damped_only.rel_error
+    bounded = cp_als(t, 2, max_degeneracy=1.2)  # the bound is what decides
+    assert bounded.degeneracy <= 1.2 and bounded.rel_error >= default.rel_error
+
+
+def test_degeneracy_ratio() -> None:
+    """1 for orthogonal components (any weights), large for a cancelling pair, 0 for zero."""
+    eye = torch.eye(4, dtype=torch.float64)
+    orthogonal = CPResult(weights=torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64),
+                          factors=[eye, eye, eye], rel_error=0.0, n_iter=0)
+    assert orthogonal.degeneracy == pytest.approx(1.0, rel=1e-12)
+    a, b = torch.randn(5, 1, generator=_gen(0), dtype=torch.float64), torch.randn(5, 1, generator=_gen(1),
+                                                                                     dtype=torch.float64)
+    eps = 1e-3
+    pair = [torch.cat([a + eps * b, a], dim=1), torch.cat([a, a], dim=1), torch.cat([a, -a], dim=1)]
+    pair = [f / f.norm(dim=0) for f in pair]
+    res = CPResult(weights=torch.tensor([1.0, 1.0], dtype=torch.float64), factors=pair, rel_error=0.0, n_iter=0)
+    dense = res.reconstruct()
+    assert res.degeneracy == pytest.approx(float(res.weights.norm() / dense.norm()), rel=1e-6)
+    assert res.degeneracy > 100
+    assert cp_als(torch.zeros(4, 3, 3, 3), 2).degeneracy == 0.0
+
+
+def test_default_is_deterministic_through_the_polish() -> None:
+    w = _noisy_low_rank((24, 20, 3, 3), 8, 0.05, seed=1).float()
+    a, b = cp_als(w, 8), cp_als(w, 8)
+    assert a.n_iter == b.n_iter and a.rel_error == b.rel_error
+    for fa, fb in zip(a.factors, b.factors, strict=True):
+        torch.testing.assert_close(fa, fb, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("seed", [0, 2])
 def test_damping_keeps_lossy_fits_from_degenerating(seed: int) -> None:
     """Undamped ALS on a lossy rank-20 fit of a 16x16x3x3 kernel drifts into cancelling
@@ -313,7 +416,9 @@ def test_non_finite_tensor_raises_convfx_error(bad: float) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"init": "hosvd"}, "init"), ({"n_iter_max": -1}, "n_iter_max"), ({"tol": -1.0}, "tol"),
-     ({"damping": -0.1}, "damping"), ({"damping": 1.0}, "damping"), ({"damping": True}, "damping")],
+     ({"damping": -0.1}, "damping"), ({"damping": 1.0}, "damping"), ({"damping": True}, "damping"),
+     ({"max_degeneracy": -1.0}, "max_degeneracy"), ({"max_degeneracy": float("nan")}, "max_degeneracy"),
+     ({"max_degeneracy": True}, "max_degeneracy"), ({"max_degeneracy": "2"}, "max_degeneracy")],
 )
 def test_bad_options_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):

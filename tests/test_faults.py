@@ -415,3 +415,213 @@ def test_weights_only_is_enforced_for_buffers_of_code(tmp_path: Path) -> None:
     with pytest.raises(ConvfxError, match="open"):
         load_checkpoint(tmp_path / "c.pt")
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------- pickled code is refused, not "corrupted"
+
+
+class _System:
+    """Unpickling this would run a shell command that creates ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+class _Unimportable:
+    """Pickled by reference to a module that does not exist when the file is read."""
+
+
+_SYSTEM = f"{os.system.__module__}.system"  # posix.system (nt.system on Windows)
+
+
+def _code_file(path: Path, layout: str, marker: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Write a file whose unpickling would run code; the global the refusal must name."""
+    payload: object = _System(marker)
+    culprit = _SYSTEM
+    if layout.startswith("unimportable"):
+        import types
+
+        module = types.ModuleType("convfx_no_such_module")
+        monkeypatch.setattr(_Unimportable, "__module__", module.__name__)
+        module._Unimportable = _Unimportable  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, module.__name__, module)  # importable only while pickling
+        payload, culprit = _Unimportable(), f"{module.__name__}._Unimportable"
+    state = {"w": torch.ones(3), "payload": payload}
+    kind, _, proto = layout.removeprefix("unimportable-").partition("-")
+    if kind == "zip":
+        torch.save(state, path)
+    elif kind == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    else:  # a plain pickle.dump of protocol N (never run: pickle only records the reference)
+        import pickle
+
+        # no tensor: plainly pickled ones reference torch.storage._load_from_bytes, refused first
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0], "payload": payload}, protocol=int(proto)))
+    monkeypatch.delitem(sys.modules, "convfx_no_such_module", raising=False)
+    return culprit
+
+
+CODE_LAYOUTS = ["zip", "legacy", "pickle-0", "pickle-1", "pickle-2", "pickle-4", "pickle-5",
+                "unimportable-zip", "unimportable-pickle-2", "unimportable-pickle-5"]
+
+
+@pytest.mark.parametrize("layout", CODE_LAYOUTS)
+@pytest.mark.parametrize("loader", ["load_checkpoint", "zoo.load_state_dict_file"])
+def test_pickled_code_is_refused_as_code_never_called_corrupted(layout: str, loader: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from convfx import zoo
+
+    path, marker = tmp_path / "evil.pt", tmp_path / "code-ran"
+    culprit = _code_file(path, layout, marker, monkeypatch)
+    load = load_checkpoint if loader == "load_checkpoint" else zoo.load_state_dict_file
+    with pytest.raises(ConvfxError) as info:
+        load(path)
+    err = info.value
+    assert err.kind == UNSAFE_PICKLE and err.where == str(path)
+    assert err.reason.startswith("refused to unpickle the file: it contains pickled code (")
+    assert culprit in err.reason
+    assert "corrupt" not in str(err) and "truncated" not in str(err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("proto", [0, 2, 4, 5])
+def test_pickled_globals_reads_every_protocol_without_running_it(proto: int, tmp_path: Path) -> None:
+    import pickle
+
+    from convfx.checkpoint import pickled_globals
+
+    marker = tmp_path / "code-ran"
+    data = pickle.dumps({"a": _System(marker), "b": [1, _System(marker)], "c": "posix"}, protocol=proto)
+    assert _SYSTEM in pickled_globals(data)
+    assert pickled_globals(pickle.dumps({"a": [1, 2.0, "x"]}, protocol=proto)) == []
+    assert pickled_globals(data[: len(data) // 2]) in ([], [_SYSTEM])  # damaged: what came before
+    assert not marker.exists()
+
+
+def test_a_plain_pickle_without_code_is_still_called_unreadable(tmp_path: Path) -> None:
+    """Only files that hold code are called so; other formats torch cannot read stay 'corrupted'."""
+    import pickle
+
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=5))
+    with pytest.raises(ConvfxError, match="corrupted") as info:
+        load_checkpoint(path)
+    assert info.value.kind == CORRUPT_FILE
+
+
+# ------------------------------------------------------ failed saves name the user's path
+
+
+def _temp_files(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _no_space(*args, **kwargs):
+    import errno
+
+    if args and hasattr(args[1], "write"):
+        args[1].write(b"PK\x03\x04 part of a zip")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["disk-full", "fsync-fails", "rename-fails", "zip-writer", "no-permission",
+                                     "parent-is-a-file", "destination-is-a-folder"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_atomic_save_names_the_destination_and_leaves_no_temp_file(
+        failure: str, existing: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = folder / "model.pt"
+    if failure == "parent-is-a-file":
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "sub" / "model.pt"
+    elif failure == "destination-is-a-folder":
+        path.mkdir()
+    elif existing:
+        atomic_save({"version": 1}, path)
+    expected = {"disk-full": errno.ENOSPC, "fsync-fails": errno.EIO, "rename-fails": errno.EXDEV,
+                "zip-writer": None, "no-permission": errno.EACCES, "parent-is-a-file": errno.ENOTDIR,
+                "destination-is-a-folder": errno.EISDIR}[failure]
+    real_open = os.open
+
+    def refuse(name, *args, **kwargs):
+        if str(name).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        return real_open(name, *args, **kwargs)
+
+    def zip_writer(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    if failure == "disk-full":
+        monkeypatch.setattr(torch, "save", _no_space)
+    elif failure == "fsync-fails":
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    elif failure == "rename-fails":
+        monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(
+            OSError(errno.EXDEV, "Invalid cross-device link", a, b)))
+    elif failure == "zip-writer":
+        monkeypatch.setattr(torch, "save", zip_writer)
+    elif failure == "no-permission":
+        monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(OSError) as info:
+        atomic_save({"version": 2, "w": torch.ones(4)}, path)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert f"cannot save {path}" in message, message
+    assert ".tmp" not in message and f".{path.name}." not in message
+    assert info.value.errno == expected
+    assert not _temp_files(tmp_path)
+    if existing and failure not in ("parent-is-a-file", "destination-is-a-folder"):
+        assert load_checkpoint(path)["version"] == 1  # the old file survives
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores folder permissions")
+def test_atomic_save_into_a_read_only_folder_names_the_destination(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match=f"cannot save {folder / 'x.pt'}"):
+            atomic_save({"a": 1}, folder / "x.pt")
+        assert not _temp_files(folder)
+    finally:
+        folder.chmod(0o700)
+
+
+def test_atomic_save_creates_missing_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "model.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+
+
+# ------------------------------------------------------------------ divergence under DDP
+
+
+def test_ddp_divergence_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """lr=1e6 under torchrun: both ranks restore the same state and raise the same error, no hang."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "--monitor-interval", "0.2", str(WORKER),
+           "--out-dir", str(tmp_path / "out"), "--ckpt-dir", str(tmp_path / "ckpt"), "--epochs", "2",
+           "--n-train", "192", "--checkpoint-every", "2", "--lr", "1e6", "--dist-timeout", "60"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), timeout=240,
+                          start_new_session=True)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert time.monotonic() - start < 120 and "collective operation failed" not in output
+    lines = {r: [ln for ln in output.splitlines() if f"rank {r} failed" in ln] for r in (0, 1)}
+    assert lines[0] and lines[1], output[-4000:]
+    messages = {r: lines[r][0].split("): ", 1)[1] for r in (0, 1)}
+    assert messages[0] == messages[1] and "training diverged at epoch 1" in messages[0]
+    assert "restored from the" in messages[0]
+    assert not (tmp_path / "out").exists()  # neither rank got past finetune

@@ -40,6 +40,14 @@ BAD_OPTIONS = [
     ({"method": "id", "flops_target": 0.5, "calibration": [torch.zeros(1, 3, 8, 8)], "rank_multiple": 8},
      "rank_multiple"),
     ({"filter_fn": 3}, "filter_fn"),
+    ({"latency_target": 0.0}, "latency_target"),
+    ({"latency_target": 1.5}, "latency_target"),
+    ({"latency_target": 0.5, "flops_target": 0.5}, "latency_target"),
+    ({"latency_target": 0.5, "latency_backend": "foo"}, "latency_backend"),
+    ({"latency_target": 0.5, "rank": 0.5}, "rank"),
+    ({"distill_steps": -1}, "distill_steps"),
+    ({"distill_steps": 10}, "distill_steps"),
+    ({"distill_steps": 10, "calibration": [torch.zeros(1, 3, 8, 8)], "distill_augment": 3}, "distill_augment"),
 ]
 
 
@@ -114,3 +122,59 @@ def test_a_registered_rank_source_drives_compress(monkeypatch: pytest.MonkeyPatc
     rows = {r.fqn: r for r in gm.convfx_report.layers}
     assert {r.ranks for r in rows.values() if r.factorized} == {(1,)}
     assert gm.get_submodule("3.0").out_channels == 1
+
+
+# ------------------------------------------------------------ inputs that do not fit (issue 22)
+def _small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+
+
+BAD_CALIBRATION = [
+    ([torch.randn(0, 3, 16, 16)], {"rank": 0.5}, "batch 0 holds no inputs"),
+    ([torch.randn(4, 3, 16, 16), torch.randn(4, 5, 16, 16)], {"rank": 0.5}, "batch 1 has 5 channels"),
+    ([torch.randn(3, 16, 16)], {"rank": 0.5}, "batch 0 has shape (3, 16, 16)"),
+    ([torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8)], {"rank": 0.5}, "batch 0 is uint8"),
+    ([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 20, 20)], {"flops_target": 0.6}, "batch 1 has shape"),
+    ([torch.randn(4, 3, 12, 12)], {"rank": 0.5, "head": True}, "batch 0 (shape (4, 3, 12, 12)) does not fit"),
+    ([torch.empty(4, 3, 16, 16, device="meta")], {"rank": 0.5}, "batch 0 is on the meta device"),
+    ([torch.full((4, 3, 16, 16), float("nan"))], {"rank": 0.5}, "batch 0 contains NaN"),
+    ([torch.randn(4, 3, 16, 16), torch.tensor([[[[float("inf")]]]]).expand(2, 3, 16, 16)], {"rank": 0.5},
+     "batch 1 contains NaN or inf"),
+]
+
+
+@pytest.mark.parametrize(("batches", "kwargs", "message"), BAD_CALIBRATION)
+def test_calibration_that_does_not_fit_names_calibration_and_the_batch(batches: list, kwargs: dict,
+                                                                       message: str) -> None:
+    m = _small()
+    if kwargs.pop("head", False):  # a Linear head fixes the spatial size
+        m = nn.Sequential(*m, nn.Flatten(), nn.Linear(8 * 12 * 12, 4)).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(convfx.ConvfxError, match=r"^\[calibration\] ") as err:
+        convfx.compress(m, torch.randn(1, 3, 16, 16), calibration=batches, progress=False, **kwargs)
+    assert message in str(err.value)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_all_zero_calibration_images_are_refused_not_fitted_to_zero() -> None:
+    m = _small()
+    with pytest.raises(convfx.ConvfxError, match=r"^\[0\] .*zero energy"):
+        convfx.compress(m, torch.randn(1, 3, 16, 16), rank=0.5, calibration=[torch.zeros(4, 3, 16, 16)],
+                        progress=False)
+
+
+def test_nan_batchnorm_statistics_name_the_module() -> None:
+    m = _small()
+    m[1].running_var[2] = float("nan")
+    with pytest.raises(convfx.ConvfxError, match=r"^\[1\] running_var contains NaN"):
+        convfx.compress(m, torch.randn(1, 3, 16, 16), rank=0.5, calibration=[torch.randn(4, 3, 16, 16)],
+                        progress=False)
+
+
+@pytest.mark.parametrize("call", ["compress", "analyze"])
+def test_a_meta_device_model_is_refused_by_name(call: str) -> None:
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(convfx.ConvfxError, match=r"^\[model\] 0.weight is on the meta device"):
+        getattr(convfx, call)(m, torch.randn(1, 3, 16, 16))

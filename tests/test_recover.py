@@ -8,12 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import convfx
 
 from passes.calibrate import output_discrepancy
 from passes.convs import find_sites
 from passes.errors import ConvfxError
 from passes.factors import FactorPlan, Factorized, decompose_weights
-from passes.recover import BN_MODES, TRAIN_SETS, DistillConfig, DistillResult, default_augment, distill, inputs_only
+from passes.recover import (BN_MODES, TRAIN_SETS, DistillConfig, DistillResult, default_augment, distill, inputs_only,
+                            mix, penultimate)
 from passes.rewrite import factorize_sites
 from passes.trace import trace
 
@@ -207,7 +211,7 @@ def test_user_augment_is_called_and_its_output_used() -> None:
     assert len(trained_on) == 7 and all(not x.any() for x in trained_on)
 
     student = Spy(_compressed(teacher.inner))
-    distill(student, teacher.inner, calib, DistillConfig(steps=3, batch_size=16, augment=None))
+    distill(student, teacher.inner, calib, DistillConfig(steps=3, batch_size=16, augment=None, mixup=0.0))
     pool = torch.cat(calib)
     trained_on = [x for x in student.seen if x.shape[0] == 16]
     assert len(trained_on) == 3
@@ -338,3 +342,143 @@ def test_note_is_one_line() -> None:
     assert res.note() == ("distill: 800 label-free steps in 95.2 s (lr 1e-3, frozen BN), "
                           "calibration output KL 0.412 -> 0.093")
     assert DistillResult(5, 1.0, 0.5, 0.5, "x", "train", 3e-4, 0.6, 0.6).note().endswith("held-out 0.6 -> 0.6; x")
+
+
+# ------------------------------------------------------------------ through compress(distill_steps=)
+def _compress_setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                      nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m, torch.randn(96, 3, 12, 12), torch.randn(64, 3, 12, 12)
+
+
+def _model_kl(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(torch.nn.functional.kl_div(a(x).log_softmax(1), b(x).log_softmax(1), log_target=True,
+                                                reduction="batchmean"))
+
+
+def test_compress_distill_lowers_the_discrepancy_on_held_out_inputs() -> None:
+    m, calib, held = _compress_setup()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    kw = dict(rank=0.25, calibration=[calib[:48], calib[48:]], progress=False)
+    plain = convfx.compress(m, calib[:1], **kw)
+    tuned = convfx.compress(m, calib[:1], distill_steps=150, distill_augment=None,
+                            **kw)  # type: ignore[arg-type]
+    assert _model_kl(m, tuned, held) < 0.9 * _model_kl(m, plain, held)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the caller's model is untouched
+    assert any(n.startswith("distill: ") and "held out" in n for n in tuned.convfx_report.notes)
+
+
+def test_compress_distill_reads_no_labels_and_honours_the_augment() -> None:
+    m, calib, _ = _compress_setup()
+    labelled = DataLoader(TensorDataset(calib, torch.randint(0, 10, (96,))), batch_size=48)
+    calls = []
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape)
+        return x.flip(3)
+
+    kw = dict(rank=0.25, progress=False, distill_steps=20, distill_augment=augment)
+    a = convfx.compress(m, calib[:1], calibration=labelled, **kw)  # type: ignore[arg-type]
+    n = len(calls)
+    b = convfx.compress(m, calib[:1], calibration=[calib[:48], calib[48:]], **kw)  # type: ignore[arg-type]
+    assert n == 20 and len(calls) == 40 and all(s[1:] == (3, 12, 12) for s in calls)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_compress_distill_diverging_restores_and_says_so() -> None:
+    m, calib, _ = _compress_setup()
+    options = convfx.CompressOptions(rank=0.25, calibration=[calib], progress=False, distill_steps=20,
+                                     distill_settings={"lr": 1e6})
+    gm = convfx.api.compress_with(m, calib[:1], options)
+    note = next(n for n in gm.convfx_report.notes if n.startswith("distill: "))
+    assert "restored" in note
+    assert all(bool(torch.isfinite(p).all()) for p in gm.parameters())
+
+
+# ------------------------------------------------------------------ losses, mixup, BN on augmented inputs, time limit
+def test_mix_blends_the_asked_fraction_of_rows() -> None:
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 2, 3, 3).contiguous()
+    y = mix(x, 0.5, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.equal(x, torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand_as(x))
+    changed = (y != x).flatten(1).any(1)
+    assert int(changed.sum()) <= 4  # 4 rows blended (a blend can land on its own value only by chance)
+    for row in y:  # every row is a convex blend of two rows: constant, within the range
+        assert row.min() == row.max() and 0 <= float(row.min()) <= 7
+    assert torch.equal(mix(x, 0.5, torch.Generator().manual_seed(0)), y)
+    one = x[:1]
+    assert mix(x, 0.0, torch.Generator()) is x and mix(one, 1.0, torch.Generator()) is one
+    ints = torch.ones(4, 3, dtype=torch.long)
+    assert mix(ints, 1.0, torch.Generator()) is ints
+
+
+def test_penultimate_is_the_last_linear() -> None:
+    assert penultimate(_teacher()) == "head"
+    with pytest.raises(ConvfxError, match="no nn.Linear"):
+        penultimate(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(feature_weight=1.0),                                   # KL + penultimate features
+    dict(kl_weight=0.0, feature_weight=1.0),                    # features only (MiR)
+    dict(feature_weight=0.5, features=("body.4", "body.7")),    # BN outputs by name
+    dict(bn="augmented"),
+    dict(mixup=1.0, temperature=2.0),
+])
+def test_variants_lower_held_out_discrepancy(settings: dict[str, object]) -> None:
+    teacher = _teacher()
+    student = _compressed(teacher)
+    calib, held = _batches(128, seed=1), _batches(128, seed=2)
+    before = _kl(student, teacher, held)
+    res = distill(student, teacher, calib, DistillConfig(**{**FAST, **settings}), held_out=held)  # type: ignore[arg-type]
+    assert _kl(student, teacher, held) < 0.8 * before
+    assert res.held_after is not None and res.held_after < 0.8 * before
+
+
+def test_feature_taps_are_removed_and_bad_names_are_errors() -> None:
+    teacher = _teacher()
+    student = _compressed(teacher)
+    distill(student, teacher, _batches(64, seed=1), DistillConfig(steps=2, feature_weight=1.0, batch_size=16))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in [*teacher.modules(), *student.modules()])
+    with pytest.raises(ConvfxError, match="no module 'body.99'"):
+        distill(student, teacher, _batches(64, seed=1),
+                DistillConfig(steps=2, feature_weight=1.0, features=("body.99",)))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in [*teacher.modules(), *student.modules()])
+
+
+def test_time_limit_ends_training_early_and_says_so() -> None:
+    teacher = _teacher()
+    student = _compressed(teacher)
+    calib, held = _batches(128, seed=1), _batches(64, seed=2)
+    res = distill(student, teacher, calib, DistillConfig(steps=100000, lr=3e-3, batch_size=32, max_seconds=1.5),
+                  held_out=held)
+    assert 0 < res.steps < 100000 and res.seconds < 10
+    assert res.time_limit == 1.5 and res.planned == 100000
+    assert "of 100000 label-free steps (time limit 1.5 s)" in res.note()
+    assert res.held_after is not None and res.held_before is not None and res.held_after <= res.held_before
+    quick = distill(_compressed(teacher), teacher, calib, DistillConfig(steps=3, batch_size=16, max_seconds=600))
+    assert quick.steps == 3 and quick.time_limit is None and "of" not in quick.note().split(" in ")[0]
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(kl_weight=-1.0), "distill_kl_weight"),
+    (dict(feature_weight=float("nan")), "distill_feature_weight"),
+    (dict(kl_weight=0.0), "distill_kl_weight: expected a positive kl_weight or feature_weight"),
+    (dict(features="last"), "distill_features"),
+    (dict(features=()), "distill_features"),
+    (dict(features=("a", 3)), "distill_features"),
+    (dict(mixup=1.5), "distill_mixup"),
+    (dict(mixup=-0.1), "distill_mixup"),
+    (dict(max_seconds=0), "distill_max_seconds"),
+    (dict(max_seconds=float("inf")), "distill_max_seconds"),
+])
+def test_bad_new_config_values_name_the_argument(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        DistillConfig(**kwargs)  # type: ignore[arg-type]

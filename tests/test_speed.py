@@ -210,3 +210,52 @@ def test_real_timing_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) 
     again = convfx.compress(model, x, latency_target=0.7, latency_backend="eager", progress=False)
     assert {f: f.read_text() for f in files} == before  # nothing new was measured
     assert again.convfx_report.latency["compressed_ms"] == lat["compressed_ms"]
+
+
+def test_latency_target_on_conv1d_and_transposed_layers() -> None:
+    """The latency objective prices every conv type the pipeline factorizes (N-d specs)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(8, 64, 5, padding=2), nn.ReLU(), nn.Conv1d(64, 64, 5, padding=2), nn.ReLU(),
+                        nn.ConvTranspose1d(64, 32, 4, stride=2, padding=1)).eval()
+    x = torch.randn(2, 8, 128)
+
+    class Meter(FakeMeter):
+        def model_seconds(self, model: nn.Module) -> float:
+            return self.fusion * sum(m.weight.numel() * 1e-7 + self.per_call for m in model.modules()
+                                     if isinstance(m, nn.modules.conv._ConvNd)) + self.overhead
+
+    meter = Meter()
+
+    def factory(model: nn.Module, inputs: tuple[Any, ...], backend: str) -> FakeMeter:
+        meter.original = model
+        return meter
+
+    gm = convfx.api.compress_with(net, x, CompressOptions(latency_target=0.6, latency_meter=factory, progress=False))
+    rep = gm.convfx_report
+    assert rep.latency is not None and rep.factorized
+    assert {r.fqn for r in rep.factorized} <= {"0", "2", "4"}
+
+
+def test_the_compile_backend_takes_latency_target() -> None:
+    class Meter(FakeMeter):  # dynamo's graphs take their buffers as inputs: count the conv weights instead
+        def model_seconds(self, model: nn.Module) -> float:
+            return self.fusion * sum(m.weight.numel() * 1e-7 + self.per_call for m in model.modules()
+                                     if isinstance(m, nn.modules.conv._ConvNd)) + self.overhead
+
+    meter = Meter()
+
+    def factory(model: nn.Module, inputs: tuple[Any, ...], backend: str) -> FakeMeter:
+        meter.original = model
+        return meter
+
+    reports: list[Any] = []
+    net = _net().requires_grad_(False)
+    torch._dynamo.reset()
+    try:
+        fast = torch.compile(net, backend="convfx", options={"latency_target": 0.6, "latency_meter": factory,
+                                                             "delegate": "eager", "on_report": reports.append})
+        with torch.no_grad():
+            assert fast(X).shape == (2, 10)
+    finally:
+        torch._dynamo.reset()
+    assert reports and reports[-1].latency is not None and reports[-1].factorized

@@ -238,6 +238,167 @@ def test_finetune_restores_module_modes() -> None:
     assert all(m.training for m in teacher.modules())
 
 
+# ------------------------------------------------------------------- divergence
+
+
+def _compressed_toy() -> fx.GraphModule:
+    import convfx
+
+    return convfx.compress(toy.make_model(), torch.randn(1, 3, 16, 16), rank=0.5)
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("bn_recalibrate", [0, 2])
+def test_diverging_finetune_gives_the_caller_back_its_model(bn_recalibrate: int) -> None:
+    """The issue's reproducer: lr=1e6 on a compressed model, no checkpoint_dir."""
+    g = _compressed_toy()
+    g.eval()
+    before = copy.deepcopy(g.state_dict())
+    train, _ = toy.make_loaders(n_train=64)
+    with pytest.raises(ConvfxError, match=r"diverged at epoch 1, step \d+ \(global step \d+\)") as info:
+        finetune(g, train, None, epochs=1, lr=1e6, bn_recalibrate=bn_recalibrate, progress=False)
+    err = info.value
+    assert err.where == "finetune"
+    assert "in-memory copy taken before fine-tuning started" in err.reason
+    assert "lr=1e+06" in (err.hint or "")
+    assert "checkpoint" not in str(err)  # none was asked for, so none is promised
+    assert _equal_states(g.state_dict(), before)  # weights and BN statistics, bit for bit
+    assert _finite(g) and not g.training
+
+
+class _InfiniteGradient(nn.Module):
+    """Adds sqrt(s) at s = 0 to the logits: the loss stays finite, the gradient of s is infinite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = toy.make_model()
+        self.s = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + torch.sqrt(self.s)
+
+
+def test_a_last_step_that_breaks_the_weights_is_caught_although_its_loss_was_finite() -> None:
+    """One step whose loss is finite and whose update is not: no later loss could reveal it."""
+    train, _ = toy.make_loaders(n_train=32)
+    model = _InfiniteGradient()
+    before = copy.deepcopy(model.state_dict())
+    seen: list[StepInfo] = []
+    with pytest.raises(ConvfxError) as info:
+        finetune(model, train, epochs=1, lr=0.01, max_steps_per_epoch=1, progress=False, callback=seen.append)
+    assert info.value.reason.startswith(
+        "training diverged at epoch 1, step 1 (global step 1): the loss was finite but the step left "
+        "parameters or buffers NaN or infinite; the model's weights and buffers were restored from the "
+        "in-memory copy taken before fine-tuning started")
+    assert seen == []  # the callback never saw the broken step
+    assert _equal_states(model.state_dict(), before) and _finite(model)
+
+
+def _poisoned_run(ckpt: Path | None, at_step: int, every: int = 2) -> tuple[nn.Module, pytest.ExceptionInfo,
+                                                                               dict[int, dict]]:
+    """2 epochs of 6 steps; the callback puts a NaN into a weight after ``at_step``."""
+    train, val = toy.make_loaders(n_train=96)
+    model = toy.make_model()
+    states: dict[int, dict] = {}
+
+    def poison(info: StepInfo) -> None:
+        states[info.global_step] = copy.deepcopy(model.state_dict())
+        if info.global_step == at_step:
+            with torch.no_grad():
+                model.features[0].weight[0, 0, 0, 0] = float("nan")
+
+    with pytest.raises(ConvfxError) as info:
+        finetune(model, train, val, epochs=2, lr=0.05, checkpoint_dir=ckpt, checkpoint_every=every,
+                 progress=False, callback=poison)
+    return model, info, states
+
+
+def test_divergence_restores_the_start_of_the_failed_epoch() -> None:
+    model, info, states = _poisoned_run(None, at_step=9)
+    assert "epoch 2, step 4 (global step 10): the loss was NaN or infinite" in info.value.reason
+    assert "in-memory copy taken at the start of epoch 2 (global step 6)" in info.value.reason
+    assert _equal_states(model.state_dict(), states[6])  # what epoch 1 ended with
+
+
+def test_divergence_restores_a_newer_checkpoint(tmp_path: Path) -> None:
+    model, info, _ = _poisoned_run(tmp_path, at_step=9)
+    path = tmp_path / CHECKPOINT_NAME
+    assert f"restored from the checkpoint {path} (global step 8)" in info.value.reason
+    saved = load_checkpoint(path)
+    assert saved["global_step"] == 8  # the diverged step 10 was never saved
+    assert _equal_states(model.state_dict(), saved["model"])
+
+
+def test_divergence_without_a_newer_checkpoint_uses_the_epoch_start(tmp_path: Path) -> None:
+    # checkpoints only at epoch ends: the epoch-1 checkpoint is as old as the epoch-2 copy
+    model, info, states = _poisoned_run(tmp_path, at_step=7, every=0)
+    assert "epoch 2, step 2 (global step 8)" in info.value.reason
+    assert "in-memory copy taken at the start of epoch 2" in info.value.reason
+    assert _equal_states(model.state_dict(), states[6])
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 6
+
+
+def test_divergence_guard_names_the_first_bad_step_when_read_late() -> None:
+    """On an accelerator the guard is read every N steps; the step it names is still the first bad one."""
+    from convfx.training.guard import Divergence, DivergenceGuard
+
+    model = nn.Linear(2, 2)
+    guard = DivergenceGuard(model, torch.device("cpu"), global_step=10, poll_every=4, distributed=False)
+    losses = [1.0, float("nan"), 2.0, float("inf")]
+    for k, loss in enumerate(losses, start=11):
+        guard.observe(torch.tensor(loss))
+        assert guard.due(k) == (k == 12)
+    assert guard.poll() == Divergence(global_step=12, loss=True)
+
+    guard = DivergenceGuard(model, torch.device("cpu"), global_step=0, poll_every=1, distributed=False)
+    guard.observe(torch.tensor(1.0))
+    assert guard.poll() is None
+    with torch.no_grad():
+        model.bias[1] = float("-inf")
+    guard.observe(torch.tensor(1.0))
+    assert guard.poll() == Divergence(global_step=2, loss=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_weight_check_sees_every_non_finite_value_and_no_overflow(dtype: torch.dtype) -> None:
+    from convfx.training.guard import _all_finite
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensors = [torch.randn(50, dtype=dtype) for _ in range(3)]
+        tensors[1][7] = bad
+        assert not bool(_all_finite(tensors, on_cpu=True)), bad
+    big = torch.finfo(dtype).max / 2  # each finite, their sum far beyond the dtype's range
+    assert bool(_all_finite([torch.full((4096,), big, dtype=dtype), -torch.full((9,), big, dtype=dtype)],
+                            on_cpu=True))
+
+
+def test_buffers_that_are_non_finite_by_design_are_not_divergence() -> None:
+    """A -inf mask buffer (as attention masks are) does not stop fine-tuning."""
+    model = toy.make_model()
+    model.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    train, _ = toy.make_loaders(n_train=32)
+    out = finetune(model, train, epochs=1, lr=0.01, progress=False)
+    assert out["step"] == 2 and torch.equal(model.mask, torch.tensor([0.0, float("-inf")]))
+
+
+@pytest.mark.parametrize("name,value", [("lr", float("inf")), ("lr", float("nan")), ("lr", -0.1),
+                                        ("momentum", float("inf")), ("weight_decay", float("nan")),
+                                        ("kd_temperature", float("inf"))])
+def test_finetune_rejects_non_finite_numbers(name: str, value: float) -> None:
+    train, _ = toy.make_loaders(n_train=32)
+    model = toy.make_model()
+    before = copy.deepcopy(model.state_dict())
+    args = dict(epochs=1, lr=0.1, progress=False)
+    args[name] = value
+    with pytest.raises(ConvfxError, match=rf"{name} must be a finite number") as info:
+        finetune(model, train, **args)
+    assert info.value.where == "finetune"
+    assert _equal_states(model.state_dict(), before)
+
+
 def test_distillation_first_step_matches_formula() -> None:
     train, _ = toy.make_loaders(n_train=64)
     student = toy.make_model(seed=0)

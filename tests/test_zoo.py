@@ -272,3 +272,62 @@ def test_efficientnet_lite0_if_installed() -> None:
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
     assert zoo.arch_name(zoo.build("efficientnet_lite0")) == "efficientnet_lite0"
+
+
+def _weighted_torchvision_models() -> list[str]:
+    names = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        try:
+            torchvision.models.get_model_weights(name)
+        except Exception:  # builders without registered weights
+            continue
+        names.append(name)
+    return names
+
+
+def test_unknown_weights_name_each_choice_once() -> None:
+    """DEFAULT is an alias inside every weights enum: it must not be offered twice."""
+    models = _weighted_torchvision_models()
+    assert "resnet50" in models
+    for name in models:
+        enum = torchvision.models.get_model_weights(name)
+        with pytest.raises(ValueError, match=rf"unknown weights 'NO_SUCH_WEIGHTS' for {name}; choose one of ") as info:
+            zoo.torchvision_model(name, weights="NO_SUCH_WEIGHTS")
+        listed = str(info.value).split("choose one of ", 1)[1].split(" or pass", 1)[0].split(", ")
+        assert listed[0] == "DEFAULT" and len(listed) == len(set(listed)), (name, listed)
+        assert set(listed) == {"DEFAULT", *enum.__members__}
+    with pytest.raises(ValueError) as info:
+        zoo.torchvision_model("resnet50", weights="IMAGENET9K_V9")
+    for choice in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
+        assert str(info.value).count(choice) == 1
+
+
+class _CallsSystem:
+    """Unpickling this would run a shell command (never done: the file is refused)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.mark.parametrize("protocol", [None, 0, 2, 5], ids=["torch.save", "pickle-0", "pickle-2", "pickle-5"])
+def test_checkpoint_calling_os_system_is_refused_as_code(tmp_path: Path, protocol: int | None) -> None:
+    import os
+    import pickle
+
+    path, marker = tmp_path / "evil.th", tmp_path / "code-ran"
+    payload = {"conv1.weight": torch.ones(1) if protocol is None else 1.0, "x": _CallsSystem(marker)}
+    if protocol is None:
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(ConvfxError, match=rf"refused to unpickle the file: it contains pickled code "
+                                          rf"\({os.system.__module__}\.system\)") as info:
+        zoo.cifar_resnet(20, checkpoint=path)
+    assert info.value.kind == UNSAFE_PICKLE and info.value.where == str(path)
+    assert "corrupt" not in str(info.value)
+    assert not marker.exists()

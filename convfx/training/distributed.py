@@ -17,6 +17,7 @@ from .common import logger, model_device
 __all__ = [
     "DEFAULT_DIST_TIMEOUT_S",
     "DistInfo",
+    "all_reduce_min",
     "all_reduce_sum",
     "cleanup_distributed",
     "distributed_info",
@@ -104,6 +105,13 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest of every rank's ``value`` (an int64; e.g. the first step that went wrong)."""
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def is_comm_failure(exc: BaseException) -> bool:

@@ -4,12 +4,11 @@ See :mod:`convfx.train` for the reproducibility contract this loop keeps.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -21,11 +20,13 @@ from tqdm.auto import tqdm
 
 from passes.errors import ConvfxError
 
+from ..checkpoint import load_checkpoint, load_state_dict_strict
 from .bn import recalibrate_bn
 from .common import capture_modes, logger, progress_disabled, restore_modes, split_batch, unwrap
 from .distill import FeatureTap, distillation_loss, feature_distillation_loss, resolve_feature_layers
 from .distributed import all_reduce_sum, distributed_info, init_distributed, is_comm_failure, training_device
 from .evaluation import evaluate
+from .guard import UNLOGGED_POLL_EVERY, Divergence, DivergenceGuard, GoodState
 from .optim import build_optimizer, fast_forward
 from .options import FinetuneOptions, StepInfo
 from .resume import ResumableCheckpoint, first_unseen_step
@@ -92,6 +93,9 @@ class _Run:
         self.resumed_from: int | None = None
         self.stop_requested = False
         self.last_saved_step: int | None = None
+        # Set by run(): the per-step divergence check, and the state a diverged run restores.
+        self.guard: DivergenceGuard | None = None
+        self.good: GoodState | None = None
         self.tap: FeatureTap | None = None
         if self.feature_layers and self.teacher is not None:  # last: nothing may raise after the hooks go in
             self.tap = FeatureTap(model, self.teacher, self.feature_layers)
@@ -115,13 +119,8 @@ class _Run:
         """Write last.pt (rank 0). Collective under DDP: every rank must call it."""
         if self.ckpt_path is None:
             return False
+        self.check_divergence()  # never write a diverged state (the device is waited for here anyway)
         loss_sum, samples = self._accum_global()
-        if not math.isfinite(loss_sum):
-            raise ConvfxError(
-                f"training loss became non-finite before global step {self.global_step}",
-                where="finetune",
-                hint="lower the learning rate; the last good checkpoint was kept",
-            )
         if self.rank == 0:
             self.checkpoint.write({
                 "steps_per_epoch": self.steps_per_epoch,
@@ -218,12 +217,27 @@ class _Run:
     def run(self) -> None:
         """BN re-estimation (fresh runs only), then the epochs from where the run stands."""
         opts = self.opts
+        if self.epoch >= opts.epochs:
+            return
+        # Reading the guard waits for the device: free on the CPU, so after every step;
+        # elsewhere only where the loop waits anyway (see .guard).
+        poll_every = 1 if self.device.type == "cpu" else (opts.log_every or UNLOGGED_POLL_EVERY)
+        self.guard = DivergenceGuard(self.model, self.device, global_step=self.global_step,
+                                     poll_every=poll_every, distributed=self.distributed)
+        if self.resumed_from is None:
+            self.good = GoodState(self.model, "before fine-tuning started", self.global_step)
+        else:
+            self.good = GoodState(self.model, f"when the run resumed (global step {self.global_step})",
+                                  self.global_step)
         if self.resumed_from is None and opts.bn_recalibrate > 0:
             # Same batches on every rank, so all ranks end with identical statistics.
             recal = self.epoch_loader(-1, 0, rank=0, world=1, max_steps=opts.bn_recalibrate)
             recalibrate_bn(self.model, recal, opts.bn_recalibrate)
         start_epoch, start_step = self.epoch, self.step_in_epoch
         for epoch in range(start_epoch, opts.epochs):
+            if epoch != start_epoch:
+                self.good = GoodState(self.model, f"at the start of epoch {epoch + 1} (global step "
+                                      f"{self.global_step})", self.global_step)
             first = start_step if epoch == start_epoch else 0
             self.epoch, self.step_in_epoch = epoch, first
             self.model.train()
@@ -270,6 +284,10 @@ class _Run:
         self.step_in_epoch = done
         self.loss_sum += loss.detach().double() * y.shape[0]
         self.samples += y.shape[0]
+        assert self.guard is not None
+        self.guard.observe(loss)
+        if self.guard.due(self.global_step):
+            self.check_divergence()
         bar.update(1)
         if opts.log_every and self.global_step % opts.log_every == 0:
             self._log_step(epoch, done, loss, bar)
@@ -281,14 +299,9 @@ class _Run:
             self._call_back(opts.callback, epoch, done, loss, saved)
 
     def _log_step(self, epoch: int, done: int, loss: torch.Tensor, bar: Any) -> None:
-        """Report the loss, and stop on a non-finite one before it reaches a checkpoint."""
+        """Report the loss (the divergence guard has been read at this step: it is finite)."""
         # Only here (and at checkpoints) do we wait for the device to read the loss.
         value = float(loss)
-        if not math.isfinite(value):
-            raise ConvfxError(
-                f"training loss is {value} at epoch {epoch + 1}, step {done}",
-                where="finetune", hint="lower the learning rate",
-            )
         bar.set_postfix(loss=f"{value:.4f}")
         if self.rank == 0:
             logger.info(
@@ -312,10 +325,8 @@ class _Run:
 
     def end_epoch(self, epoch: int) -> None:
         """Sync buffers, validate, log and checkpoint the finished ``epoch``."""
+        self.check_divergence()
         loss_sum, samples = self._accum_global()
-        if not math.isfinite(loss_sum):
-            raise ConvfxError(f"training loss became non-finite in epoch {epoch + 1}", where="finetune",
-                              hint="lower the learning rate; the last good checkpoint was kept")
         if self.distributed:
             # DDP syncs buffers at the start of a forward; make them agree after the last one.
             with torch.no_grad():
@@ -337,6 +348,51 @@ class _Run:
         self.samples, self.seconds = 0, 0.0
         self.save(epoch + 1, 0)
         self.epoch, self.step_in_epoch = epoch + 1, 0
+
+    # --------------------------------------------------------------- divergence
+
+    def check_divergence(self) -> None:
+        """Read the guard; on a non-finite loss or weights restore good weights and raise.
+
+        Waits for the device, and under DDP is a collective: every rank calls it at the
+        same global step (the guard's cadence, checkpoints, epoch ends).
+        """
+        if self.guard is None:
+            return
+        diverged = self.guard.poll()
+        if diverged is not None:
+            self._diverged(diverged)
+
+    def _diverged(self, d: Divergence) -> NoReturn:
+        """Put good weights and buffers back into the caller's model, then say what happened."""
+        source = self._restore_good_state()
+        epoch, in_epoch = divmod(d.global_step - 1, self.steps_per_epoch)
+        what = ("the loss was NaN or infinite" if d.loss
+                else "the loss was finite but the step left parameters or buffers NaN or infinite")
+        hint = f"lower the learning rate (lr={self.opts.lr:g})"
+        if self.opts.warmup_steps == 0:
+            hint += " or add warmup_steps"
+        raise ConvfxError(
+            f"training diverged at epoch {epoch + 1}, step {in_epoch + 1} (global step {d.global_step}): "
+            f"{what}; the model's weights and buffers were restored from {source}",
+            where="finetune", hint=hint,
+        )
+
+    def _restore_good_state(self) -> str:
+        """Restore the newest good state: this run's last checkpoint if newer, else the in-memory copy."""
+        good = self.good
+        assert good is not None
+        path, saved = self.ckpt_path, self.last_saved_step
+        if path is not None and saved is not None and saved > good.global_step:
+            try:
+                ckpt = load_checkpoint(path, map_location="cpu")
+                load_state_dict_strict(self.model, ckpt["model"], where=str(path))
+                return f"the checkpoint {path} (global step {saved})"
+            except (ConvfxError, KeyError) as exc:
+                logger.warning("cannot restore the weights from %s (%s); using the in-memory copy instead",
+                               path, exc)
+        good.restore(self.model)
+        return f"the in-memory copy taken {good.label}"
 
     def _validate(self, epoch: int) -> dict[str, float]:
         """The validation entries of the epoch's history record (each rank evaluates its shard)."""
@@ -456,6 +512,14 @@ def finetune(
     * ``callback(StepInfo)`` runs after each step (after any checkpoint of that step);
       returning True saves a checkpoint and stops (at the last step of an epoch: after
       that epoch's validation and checkpoint); under DDP all ranks must agree.
+    * Divergence: after every step the loss and the weights (parameters and floating-point
+      buffers) are checked for NaN/inf without a device sync (:mod:`.guard`; read after
+      every step on the CPU, elsewhere every ``log_every`` steps and before each
+      checkpoint and epoch end).  A diverged run puts back the weights and buffers of
+      this run's last checkpoint when that is newer than the failed epoch's start, else
+      of an in-memory CPU copy taken at that start (for the first epoch: before anything,
+      BN re-estimation included), and raises :class:`ConvfxError` naming the step and
+      what was restored.  A checkpoint is never written from a diverged state.
     * Under ``torchrun`` (WORLD_SIZE > 1): initialises the process group if needed (left
       up for later :func:`evaluate` calls; see :func:`cleanup_distributed`), wraps the
       model in DDP, shards the data, all-reduces losses and validation counts; only rank

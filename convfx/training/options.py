@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,11 @@ class StepInfo:
 
 def _bad(msg: str) -> ConvfxError:
     return ConvfxError(msg, where="finetune")
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (``lr=inf`` would pass ``> 0``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +97,8 @@ class FinetuneOptions:
     def _check_schedule(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise _bad(f"epochs must be a positive int, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise _bad(f"lr must be positive, got {self.lr!r}")
+        if not (_finite(self.lr) and self.lr > 0):
+            raise _bad(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.schedule not in SCHEDULES:
             raise _bad(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps < 0:
@@ -101,8 +107,8 @@ class FinetuneOptions:
     def _check_distillation(self) -> None:
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise _bad(f"kd_alpha must be in [0, 1], got {self.kd_alpha!r}")
-        if not self.kd_temperature > 0:
-            raise _bad(f"kd_temperature must be positive, got {self.kd_temperature!r}")
+        if not (_finite(self.kd_temperature) and self.kd_temperature > 0):
+            raise _bad(f"kd_temperature must be a finite number > 0, got {self.kd_temperature!r}")
         fkd = self.feature_kd
         if not (isinstance(fkd, (int, float)) and math.isfinite(fkd) and fkd >= 0):
             raise _bad(f"feature_kd must be a finite number >= 0, got {fkd!r}")
@@ -120,8 +126,10 @@ class FinetuneOptions:
     def _check_sgd(self) -> None:
         if self.nesterov and not self.momentum > 0:
             raise _bad("nesterov=True needs a positive momentum")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise _bad("momentum and weight_decay must be >= 0")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (_finite(value) and value >= 0):
+                raise _bad(f"{name} must be a finite number >= 0, got {value!r}")
 
     def fingerprint_config(self, spec: LoaderSpec, num_samples: int, feature_layers: list[str]) -> dict[str, Any]:
         """What a checkpoint must have been written with to be resumed by this run.
