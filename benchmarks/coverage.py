@@ -1,5 +1,6 @@
-"""Run convfx over torchvision / timm classification models (and hand-built 1-d / 3-d / transposed-conv
-models): trace, full-rank exactness, reductions, time.
+"""Run convfx over torchvision / timm classification models, hand-built 1-d / 3-d / transposed-conv
+models, and torchvision's segmentation, detection, keypoint, video and optical-flow builders: trace,
+full-rank exactness, reductions, time.
 
 For each model (random init, eval mode, smallest input it accepts): trace ok?; convs found /
 factorized / skipped (with reasons); full-rank Tucker output (SVD for 1x1 convs) vs eager, in
@@ -17,6 +18,7 @@ Each model runs in a child process by default (a crash, OOM kill or timeout cost
     python benchmarks/coverage.py --out benchmarks/results/coverage.md             # every torchvision builder
     python benchmarks/coverage.py --suite timm --out benchmarks/results/coverage_timm.md
     python benchmarks/coverage.py --suite convnd --out benchmarks/results/coverage_convnd.md  # Conv1d/3d, ConvTranspose
+    python benchmarks/coverage.py --suite tasks --out benchmarks/results/coverage_torchvision_tasks.md  # detectors, ...
     python benchmarks/coverage.py --models resnet18,mobilenet_v3_small --cache '' --out /tmp/c.md
     python benchmarks/coverage.py --report-only --out benchmarks/results/coverage.md  # markdown from the cache
     python benchmarks/coverage.py --models regnet_y_128gf --rerun --lean --exact-only  # huge model, less memory
@@ -177,8 +179,81 @@ CONVND_MODELS: dict[str, tuple[Any, tuple[int, ...], str]] = {
     "volume_unet": (VolumeUNet, (1, 1, 16, 16, 16), "Conv3d + ConvTranspose3d, replicate padding, skip concat"),
 }
 
+# tasks: every torchvision segmentation, detection (keypoint included), video and optical-flow builder.
+# name -> (module, builder kwargs beyond weights=None, example input, what it exercises). Detection inputs are
+# one image (a list, as the detectors take it); the R-CNN, RetinaNet and FCOS transforms are told to resize to
+# 64-80 px instead of 800-1333 so that a float64 run stays fast; SSD and SSDlite resize to their fixed 300 / 320.
+# Score thresholds are 0 so that the exactness check compares non-empty boxes, scores and labels.
+_DET = ("detection", {"min_size": 64, "max_size": 80})
+_IMG = ("images", (3, 60, 80))
+TASK_MODELS: dict[str, tuple[str, dict[str, Any], tuple[str, tuple[int, ...]], str]] = {
+    "deeplabv3_mobilenet_v3_large": ("segmentation", {}, ("tensor", (1, 3, 64, 64)), "segmentation, dilated"),
+    "deeplabv3_resnet50": ("segmentation", {}, ("tensor", (1, 3, 64, 64)), "segmentation, ASPP"),
+    "deeplabv3_resnet101": ("segmentation", {}, ("tensor", (1, 3, 64, 64)), "segmentation, ASPP"),
+    "fcn_resnet50": ("segmentation", {}, ("tensor", (1, 3, 64, 64)), "segmentation"),
+    "fcn_resnet101": ("segmentation", {}, ("tensor", (1, 3, 64, 64)), "segmentation"),
+    "lraspp_mobilenet_v3_large": ("segmentation", {}, ("tensor", (1, 3, 64, 64)), "segmentation"),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (_DET[0], {**_DET[1], "box_score_thresh": 0.0}, _IMG, "two-stage"),
+    "fasterrcnn_mobilenet_v3_large_fpn": (_DET[0], {**_DET[1], "box_score_thresh": 0.0}, _IMG, "two-stage"),
+    "fasterrcnn_resnet50_fpn": (_DET[0], {**_DET[1], "box_score_thresh": 0.0}, _IMG, "two-stage"),
+    "fasterrcnn_resnet50_fpn_v2": (_DET[0], {**_DET[1], "box_score_thresh": 0.0}, _IMG, "two-stage, conv box head"),
+    "fcos_resnet50_fpn": (_DET[0], {**_DET[1], "score_thresh": 0.0}, _IMG, "one-stage, anchor-free"),
+    "keypointrcnn_resnet50_fpn": (_DET[0], {**_DET[1], "box_score_thresh": 0.0}, _IMG, "keypoints"),
+    "maskrcnn_resnet50_fpn": (_DET[0], {**_DET[1], "box_score_thresh": 0.0}, _IMG, "instance masks"),
+    "maskrcnn_resnet50_fpn_v2": (_DET[0], {**_DET[1], "box_score_thresh": 0.0}, _IMG, "instance masks"),
+    "retinanet_resnet50_fpn": (_DET[0], {**_DET[1], "score_thresh": 0.0}, _IMG, "one-stage"),
+    "retinanet_resnet50_fpn_v2": (_DET[0], {**_DET[1], "score_thresh": 0.0}, _IMG, "one-stage, GroupNorm head"),
+    "ssd300_vgg16": (_DET[0], {"score_thresh": 0.0}, _IMG, "one-stage, resizes to 300x300"),
+    "ssdlite320_mobilenet_v3_large": (_DET[0], {"score_thresh": 0.0}, _IMG, "one-stage, resizes to 320x320"),
+    "mc3_18": ("video", {}, ("tensor", (1, 3, 4, 32, 32)), "Conv3d + Conv2d (mixed)"),
+    "r2plus1d_18": ("video", {}, ("tensor", (1, 3, 4, 32, 32)), "(2+1)-d Conv3d"),
+    "r3d_18": ("video", {}, ("tensor", (1, 3, 4, 32, 32)), "Conv3d"),
+    "s3d": ("video", {}, ("tensor", (1, 3, 16, 224, 224)), "separable Conv3d, final 2x7x7 pooling: fixed input"),
+    "mvit_v1_b": ("video", {}, ("tensor", (1, 3, 16, 224, 224)), "attention with Conv3d pooling, fixed input"),
+    "mvit_v2_s": ("video", {}, ("tensor", (1, 3, 16, 224, 224)), "attention with Conv3d pooling, fixed input"),
+    "swin3d_t": ("video", {}, ("tensor", (1, 3, 8, 64, 64)), "window attention, Conv3d patch embedding"),
+    "swin3d_s": ("video", {}, ("tensor", (1, 3, 8, 64, 64)), "window attention, Conv3d patch embedding"),
+    "swin3d_b": ("video", {}, ("tensor", (1, 3, 8, 64, 64)), "window attention, Conv3d patch embedding"),
+    "raft_small": ("optical_flow", {}, ("pair", (1, 3, 128, 128)), "two images, 12 recurrent updates"),
+    "raft_large": ("optical_flow", {}, ("pair", (1, 3, 128, 128)), "two images, 12 recurrent updates"),
+}
+
+
+def task_inputs(name: str, batch: int = 1, seed: int = 1) -> tuple[Any, ...]:
+    """The positional arguments a task model takes (random, seeded): ``batch`` images, clips or pairs."""
+    kind, shape = TASK_MODELS[name][2]
+    g = torch.Generator().manual_seed(seed)
+    if kind == "images":
+        return ([torch.rand(shape, generator=g) for _ in range(batch)],)
+    shape = (batch, *shape[1:])
+    if kind == "pair":
+        return (torch.rand(shape, generator=g), torch.rand(shape, generator=g))
+    return (torch.randn(shape, generator=g),)
+
+
+def bn_from_example(model: nn.Module, name: str) -> bool:
+    """Random-init BatchNorm statistics estimated on two inputs like the example (BN layers in train mode).
+
+    Why: with BN at its initial identity statistics, a random-init detector's activations vanish through the
+    backbone and every box scores alike; the full-rank check would compare ties whose order is arbitrary. Two
+    inputs, because a BN after a global pooling has one value per channel and sample.
+    """
+    args = task_inputs(name, batch=2, seed=2)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        model(*args)
+    model.eval()
+    return bool(bns)
+
+
 COLS = ["model", "input", "status", "trace", "convs", "factorized", "skipped", "exact", "vbmf", "target_0.5",
         "seconds", "peak_gb"]
+TASK_COLS = ["model", "input", "status", "trace", "convs", "factorized", "skipped", "exact", "target_0.5", "seconds",
+             "peak_gb"]
 
 
 def machine() -> str:
@@ -191,6 +266,8 @@ def suite_names(suite: str) -> list[str]:
         return [t[0] for t in TIMM_MODELS]
     if suite == "convnd":
         return list(CONVND_MODELS)
+    if suite == "tasks":
+        return sorted(TASK_MODELS, key=lambda n: (TASK_MODELS[n][0], n))
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -204,6 +281,11 @@ def _build(suite: str, name: str) -> tuple[nn.Module, int, str]:
     """(model in eval mode, input side, note); convnd models take the shape in CONVND_MODELS."""
     if suite == "convnd":
         return CONVND_MODELS[name][0]().eval(), 0, ""
+    if suite == "tasks":
+        module, kw, _, _ = TASK_MODELS[name]
+        if module in ("segmentation", "detection"):
+            kw = {"weights_backbone": None, **kw}
+        return torchvision.models.get_model(name, weights=None, **kw).eval(), 0, ""
     if suite == "torchvision":
         kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
         return torchvision.models.get_model(name, weights=None, **kw).eval(), _tv_size(name), ""
@@ -240,6 +322,26 @@ def _redraw_zero_weights(model: nn.Module) -> list[str]:
     return names
 
 
+def _args(x: Any) -> tuple[Any, ...]:
+    """The positional arguments: a tasks model's tuple, or the one input tensor of the other suites."""
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _to(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` (a tensor, or tuples and lists of them) with its floating tensors in ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    return type(x)(_to(v, dtype) for v in x)
+
+
+def _shape_label(x: Any) -> str:
+    """An input as the table writes it: ``[3x60x80]`` for a list of one image, shapes joined by ``, ``."""
+    if isinstance(x, torch.Tensor):
+        return "x".join(map(str, x.shape))
+    inner = ", ".join(_shape_label(v) for v in x)
+    return f"[{inner}]" if isinstance(x, list) else inner
+
+
 def _outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -252,11 +354,12 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 def _rel_err(ref: Any, out: Any) -> float | None:
     r, o = _outputs(ref), _outputs(out)
-    if not r or len(r) != len(o):
+    if not r or len(r) != len(o) or any(a.shape != b.shape for a, b in zip(r, o)):
         return float("inf")
-    scale = max(float(t.abs().max()) for t in r)
+    r, o = [t.double() for t in r if t.numel()], [t.double() for t in o if t.numel()]
+    scale = max((float(t.abs().max()) for t in r), default=0.0)
     if scale == 0.0:
-        return None  # vacuous: the reference output is identically zero
+        return None  # vacuous: the reference output is identically zero (or empty)
     return max(float((a - b).abs().max()) for a, b in zip(r, o)) / scale
 
 
@@ -282,19 +385,32 @@ def run_one(suite: str, name: str, size: int | None = None, lean: bool = False,
         if redrawn:
             notes.append(f"re-drew {len(redrawn)} zero-initialised weight tensor(s): {', '.join(redrawn[:3])}"
                          + (", ..." if len(redrawn) > 3 else ""))
-        x = torch.randn(CONVND_MODELS[name][1] if suite == "convnd" else (1, 3, size, size))
+        if suite == "tasks":
+            x: Any = task_inputs(name)
+            if bn_from_example(model, name):
+                notes.append("BatchNorm statistics estimated on two inputs like the example (random init)")
+            row["input"] = _shape_label(x)
+        else:
+            x = torch.randn(CONVND_MODELS[name][1] if suite == "convnd" else (1, 3, size, size))
         if suite == "convnd":
             row["input"] = "x".join(map(str, x.shape))
         row["convs"] = sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-        model64, x64 = model.double(), x.double()
+        if suite == "tasks":  # RAFT builds its coordinate grids in the default dtype
+            torch.set_default_dtype(torch.float64)
+        model64, x64 = model.double(), _to(x, torch.float64)
         if lean:
             notes.append("lean mode: reference output taken first, compressed in place, model rebuilt (same seed) "
                          "for the float32 runs")
             with torch.no_grad():
-                ref = model64(x64)
+                ref = model64(*_args(x64))
         gm = convfx.compress(model64, x64, method="tucker", rank=1.0, progress=False, inplace=lean)
         rep = gm.convfx_report
-        row["trace"] = "ok" + (" (leaf fallbacks)" if rep.notes else "")
+        parts = getattr(gm, "convfx_parts", None)
+        if parts:
+            row["trace"] = f"root untraceable: {len(parts['parts'])} part(s)"
+            row["parts"] = [p["path"] for p in parts["parts"]]
+        else:
+            row["trace"] = "ok" + (" (leaf fallbacks)" if rep.notes else "")
         if rep.notes:
             notes.extend(rep.notes)
         row["factorized"] = len(rep.factorized)
@@ -304,8 +420,8 @@ def run_one(suite: str, name: str, size: int | None = None, lean: bool = False,
         row["skipped"] = "; ".join(f"{n} {k}" for k, n in reasons.most_common())
         with torch.no_grad():
             if not lean:
-                ref = model64(x64)
-            out = gm(x64)
+                ref = model64(*_args(x64))
+            out = gm(*_args(x64))
         err = _rel_err(ref, out)
         row["rel_err"] = err
         print(f"   {name}: full rank float64 rel err {err}, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -315,8 +431,11 @@ def run_one(suite: str, name: str, size: int | None = None, lean: bool = False,
             row["exact"] = "yes" if err < TOL else f"NO ({err:.1e})"
         del gm, ref, out, model64, x64
         gc.collect()
+        torch.set_default_dtype(torch.float32)
+        if exact_only or suite == "tasks":
+            row["vbmf"] = "not run (--exact-only)" if exact_only else "-"
         if exact_only:
-            row["vbmf"] = row["target_0.5"] = "not run (--exact-only)"
+            row["target_0.5"] = "not run (--exact-only)"
             row["status"] = "ok"
             raise _Done
         if lean:
@@ -331,14 +450,21 @@ def run_one(suite: str, name: str, size: int | None = None, lean: bool = False,
             _redraw_zero_weights(fresh)
             return fresh
 
-        g1 = convfx.compress(model32(), x, rank="vbmf", progress=False, inplace=lean)
-        row["vbmf"] = f"{g1.convfx_report.conv_reduction:.2f}x"
-        print(f"   {name}: vbmf {row['vbmf']}, {time.perf_counter() - t0:.0f} s", flush=True)
-        del g1
-        gc.collect()
+        if suite != "tasks":  # the tasks suite checks the budget alone (2 cores, large models)
+            g1 = convfx.compress(model32(), x, rank="vbmf", progress=False, inplace=lean)
+            row["vbmf"] = f"{g1.convfx_report.conv_reduction:.2f}x"
+            print(f"   {name}: vbmf {row['vbmf']}, {time.perf_counter() - t0:.0f} s", flush=True)
+            del g1
+            gc.collect()
         try:
             g2 = convfx.compress(model32(), x, flops_target=0.5, progress=False, inplace=lean)
-            row["target_0.5"] = f"{g2.convfx_report.conv_reduction:.2f}x"
+            rep2 = g2.convfx_report
+            row["target_0.5"] = f"{rep2.conv_reduction:.2f}x"
+            if suite == "tasks":
+                summary = rep2.to_table(max_rows=0).split("\n\n", 1)[1]  # totals, convention, notes
+                row["report"] = re.sub(r"\nskipped:(\n  [^\n]*)*", "", summary)  # the rows say why
+                with torch.no_grad():  # the compressed model still runs on the example input
+                    _outputs(g2(*_args(x)))
             del g2
         except ValueError as err:  # the documented answer when skipped convs alone exceed the budget
             if not str(err).startswith("flops_target: unreachable"):
@@ -356,6 +482,7 @@ def run_one(suite: str, name: str, size: int | None = None, lean: bool = False,
         row["status"] = f"FAILED {type(err).__name__}: {msg}"
         row["traceback"] = traceback.format_exc()[-4000:]
         traceback.print_exc()
+    torch.set_default_dtype(torch.float32)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["peak_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
     row["notes"] = notes
@@ -444,7 +571,19 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
          f"{c['refused']} refused with ConvfxError, {c['failed']} failed otherwise, {c['not run']} not run")
     if vacuous or unnamed:
         s += f" ({vacuous} vacuous exactness checks, {unnamed} refusals not naming a module)"
+    if any(r.get("suite") == "tasks" for r in rows):
+        halved = sum(_reduction(r) >= 1.995 for r in rows)
+        parts = sum(bool(r.get("parts")) for r in rows)
+        s += (f"; {halved} compressed to 2x fewer conv MACs at flops_target=0.5; {parts} compressed part by part "
+              "(root untraceable)")
     return s + "."
+
+
+def _reduction(row: dict[str, Any]) -> float:
+    try:
+        return float(str(row.get("target_0.5", "")).rstrip("x"))
+    except ValueError:
+        return 0.0
 
 
 def _cell(row: dict[str, Any], col: str) -> str:
@@ -459,7 +598,8 @@ def _cell(row: dict[str, Any], col: str) -> str:
 def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: dict[str, Any],
            cache_path: Path | None, cmd: str) -> str:
     title = {"torchvision": "torchvision classification models", "timm": "timm models (random init)",
-             "convnd": "hand-built Conv1d / Conv3d / ConvTranspose models (random init)"}[suite]
+             "convnd": "hand-built Conv1d / Conv3d / ConvTranspose models (random init)",
+             "tasks": "torchvision segmentation, detection, keypoint, video and optical-flow models (random init)"}[suite]
     try:
         import timm
         versions = f", timm {timm.__version__}"
@@ -470,6 +610,16 @@ def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: di
                   "partition; 75 for Inception-v3)")
     elif suite == "convnd":
         inputs = "the models below (defined in `benchmarks/coverage.py`), input as in the table"
+    elif suite == "tasks":
+        inputs = ("`torchvision.models.get_model(name, weights=None[, weights_backbone=None], **kwargs)` with the kwargs "
+                  "below; input as in the table (detectors: a list of one 3x60x80 image, `model([image])`; RAFT: two "
+                  "images; the float64 run sets float64 as the default dtype, since RAFT builds its coordinate grids "
+                  "in it). Random-init BatchNorm statistics are estimated first on two other inputs like it (else a detector's "
+                  "activations vanish and every box scores alike, so the check would compare ties). The detectors' "
+                  "exactness compares every output tensor (boxes, scores, labels, masks, keypoints) in eval mode. "
+                  "`target_0.5` is the conv-MAC reduction of the whole model at `flops_target=0.5` (float32, data-free), "
+                  "counted on the tensors each conv saw (for the R-CNN, RetinaNet and FCOS detectors: the batch their "
+                  "transform produced, 64x80 here; ROI heads: the proposals and detections of that run)")
     else:
         inputs = ("`timm.create_model(name, pretrained=False, **kwargs)`; input 1x3xSxS with S=64 if the eager "
                   "model accepts it, else its pretrained_cfg input size (always that size when "
@@ -510,7 +660,16 @@ def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: di
         lines += ["| model | exercises |", "|---|---|"]
         lines += [f"| {name} | {what} |" for name, (_, _, what) in CONVND_MODELS.items()]
         lines.append("")
-    lines += ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+    cols = TASK_COLS if suite == "tasks" else COLS
+    if suite == "tasks":
+        lines += ["| model | task | kwargs | exercises | parts compressed (root untraceable) |", "|---|---|---|---|---|"]
+        by_name = {r["model"]: r for r in rows}
+        for name in suite_names("tasks"):
+            module, kw, _, what = TASK_MODELS[name]
+            parts = ", ".join(f"`{p}`" for p in by_name.get(name, {}).get("parts", [])) or "- (whole model traced)"
+            lines.append(f"| {name} | {module} | {kw or '-'} | {what} | {parts} |")
+        lines.append("")
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     fn = 0
     notes = []
     for r in rows:
@@ -518,9 +677,14 @@ def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: di
             fn += 1
             r = dict(r, _fn=fn)
             notes.append(f"[^{fn}]: {r['model']}: " + "; ".join(r["notes"]))
-        lines.append("| " + " | ".join(_cell(r, c) for c in COLS) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in cols) + " |")
     if notes:
         lines += [""] + notes
+    reports = [r for r in rows if r.get("report")]
+    if reports:
+        lines += ["", "## Reports at flops_target=0.5 (totals, MAC convention, parts traced and not)", ""]
+        for r in reports:
+            lines += [f"### {r['model']}", "", "```", r["report"].rstrip(), "```", ""]
     fails = [r for r in rows if classify(r) == "failed" and r.get("traceback")]
     if fails:
         lines += ["", "## Tracebacks of failures", ""]
@@ -533,7 +697,7 @@ def render(suite: str, rows: list[dict[str, Any]], missing: list[str], cache: di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["torchvision", "timm", "convnd"], default="torchvision")
+    ap.add_argument("--suite", choices=["torchvision", "timm", "convnd", "tasks"], default="torchvision")
     ap.add_argument("--models", default="", help="comma-separated subset (default: the whole suite)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="markdown to (re)write from every cached row")
@@ -579,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.size:
                 row["notes"] = list(row.get("notes", [])) + [f"input overridden with --size {args.size}"]
             update_cache(cache_path, cache, _key(args.suite, name), row)
-            print(" | ".join(str(row.get(c, "-")) for c in COLS), flush=True)
+            print(" | ".join(str(row.get(c, "-")) for c in (TASK_COLS if args.suite == "tasks" else COLS)),
+                  flush=True)
             if row.get("notes"):
                 print("   notes: " + "; ".join(row["notes"]), flush=True)
     # The report covers every cached row of the suite (or, without a cache, what just ran).

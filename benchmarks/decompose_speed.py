@@ -461,6 +461,7 @@ class TrainRow:
     kd_after: float
     acc_before: float  # top-1 on the first ``eval_images`` test images
     acc_after: float
+    loss_start: float  # training loss of the first step, before any update
     loss_first: float  # mean training loss over the first / last 25 steps
     loss_last: float
     finite: bool
@@ -535,7 +536,7 @@ def trainability(config: str, *, steps: int = 300, batch: int = 64, lr: float = 
     degs = [degeneracy(r.weights, r.factors) for r in fits]
     return TrainRow(
         config, max(d[0] for d in degs), max(d[1] for d in degs), sum(r.rel_error for r in fits) / len(fits),
-        kd0, kd1, acc0, acc1, sum(losses[:25]) / len(losses[:25]), sum(losses[-25:]) / len(losses[-25:]),
+        kd0, kd1, acc0, acc1, losses[0], sum(losses[:25]) / len(losses[:25]), sum(losses[-25:]) / len(losses[-25:]),
         all(math.isfinite(v) for v in losses), seconds,
     )
 
@@ -544,13 +545,13 @@ def trainability_table(rows: Sequence[TrainRow]) -> str:
     """Markdown table of the SGD proxy."""
     head = (
         "| cp_als setting | largest q / sum ratio | mean kernel error | KL to teacher before -> after "
-        "| top-1 before -> after | mean loss, first 25 -> last 25 steps | finite |\n"
+        "| top-1 before -> after | loss at step 0; mean over steps 0-24 -> last 25 | finite |\n"
         "|---|---:|---:|---:|---:|---:|:---:|\n"
     )
     lines = [
         f"| {r.config} | {r.max_degeneracy:.2f} / {r.max_cancellation:.1f} | {r.mean_error:.4f} "
         f"| {r.kd_before:.3f} -> {r.kd_after:.3f} | {r.acc_before:.3f} -> {r.acc_after:.3f} "
-        f"| {r.loss_first:.3f} -> {r.loss_last:.3f} | {'yes' if r.finite else 'NO'} |"
+        f"| {r.loss_start:.3f}; {r.loss_first:.3f} -> {r.loss_last:.3f} | {'yes' if r.finite else 'NO'} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"

@@ -21,11 +21,14 @@ from passes.calibrate import SHRINK
 from passes.context import Context
 from passes.flops import annotate_macs, fvcore_macs, propagate_shapes
 from passes.meta import IN_SHAPE, MACS, OUT_SHAPE
+from passes.errors import ConvfxError
 from passes.options import CompressOptions, FilterFn, default_filter
+from passes.parts import root_failure
 from passes.pipeline import check_tensors, count_params, run
 from passes.ranks import RankSpec
-from passes.trace import trace
+from passes.trace import UNTRACEABLE_ROOT, trace
 
+from .parts import analyze_untraced, compress_untraced
 from .report import Report
 
 __all__ = ["compress", "compress_with", "analyze", "Analysis", "LayerStats", "CompressOptions", "default_filter",
@@ -108,8 +111,8 @@ def _latency(ctx: Context) -> dict[str, Any] | None:
             "rounds": [list(r) for r in lat.rounds]}
 
 
-def compress_with(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None,
-                  options: CompressOptions) -> fx.GraphModule:
+def compress_with(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | None,
+                  options: CompressOptions) -> fx.GraphModule | nn.Module:
     """:func:`compress` with a prepared :class:`CompressOptions` (what the CLI and backend build)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -117,6 +120,9 @@ def compress_with(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
         raise ValueError(f"options: expected a CompressOptions, got {type(options).__name__}")
     t0 = time.perf_counter()
     inputs, assumptions = _resolve_inputs(model, example_inputs)
+    root = root_failure(model, inputs)
+    if root is not None:  # detectors, RAFT, ...: the traceable parts, in the user's model (convfx.parts)
+        return compress_untraced(model, inputs, options, assumptions, root, t0)
     ctx = run(model, inputs, options, assumptions)
     gm = ctx.gm
     report = _report(ctx, t0)
@@ -129,7 +135,7 @@ def compress_with(model: nn.Module, example_inputs: torch.Tensor | Sequence[torc
 
 def compress(
     model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    example_inputs: torch.Tensor | Sequence[Any] | None = None,
     *,
     method: str = "tucker",
     rank: RankSpec = "vbmf",
@@ -146,18 +152,26 @@ def compress(
     distill_steps: int = 0,
     distill_augment: Any = "default",
     progress: bool = True,
-) -> fx.GraphModule:
+) -> fx.GraphModule | nn.Module:
     """Replace the convolutions of ``model`` by low-rank factorizations.
 
     Returns a ``torch.fx.GraphModule`` whose factors live under the original layer names
     (``layer1.0.conv2.0``, ``.1``, ``.2``) and whose ``convfx_report`` lists every conv.
-    Every argument is checked (:class:`CompressOptions`) before the model is traced.
+    When the root ``forward`` itself cannot be traced (torchvision detectors, RAFT, ...),
+    returns the user's model instead (a copy unless ``inplace``: an ``nn.Module``, not a
+    GraphModule) with its largest traceable submodules compressed in place
+    (:mod:`passes.parts`); the report then covers every conv of the whole model and names
+    the parts traced and not. Every argument is checked (:class:`CompressOptions`) before
+    the model is traced.
 
     Args:
-        model: any module that ``torch.fx`` can trace (untraceable submodules are kept as
-            leaves and their convs reported as skipped).
-        example_inputs: a tensor or tuple of tensors; without it an image of shape
-            (1, C_in, 224, 224) is assumed from the first conv and the report says so.
+        model: any module; what ``torch.fx`` cannot trace is left as it is (untraceable
+            submodules are kept as leaves, an untraceable root is compressed part by part)
+            and its convs reported as skipped.
+        example_inputs: a tensor or a tuple of the forward's positional arguments, e.g.
+            ``([image],)`` for a torchvision detector (one argument: a list of images);
+            without it an image of shape (1, C_in, 224, 224) is assumed from the first conv
+            and the report says so.
         method: ``"tucker"`` (Tucker-2), ``"cp"`` or ``"svd"``. 1x1 convs always use SVD.
             A Tucker factor at full channel rank is folded into the core (one layer less).
             ``"auto"`` (with ``flops_target``) lets the allocation pick tucker or cp per layer
@@ -173,11 +187,14 @@ def compress(
             ``nn.Conv2d``. Return True for an ``nn.Linear`` to factorize it by SVD.
         inplace: reuse (and modify) ``model``'s modules instead of working on a copy.
         calibration: a DataLoader or any iterable of batches (tensors, or tuples whose
-            first item is the input). Factors are then fitted to reproduce each layer's
+            first item is the input; for a model whose root cannot be traced, items shaped
+            like ``example_inputs``, see :func:`passes.parts.item_args`: a detector's item
+            is a list of images). Factors are then fitted to reproduce each layer's
             outputs on these activations, layer by layer on the already-compressed prefix.
             A few hundred to a few thousand images suffice; memory is O(D²) per layer.
         flops_target: a fraction f in (0, 1]: ranks are allocated across layers so that the
-            conv MACs (fvcore count) are at most f × the original's. Replaces ``rank``. With
+            conv MACs (fvcore count) are at most f × the original's (the whole model's, also
+            when only its parts are compressed). Replaces ``rank``. With
             ``calibration``, allocations under two sensitivity models are both fitted and the
             one closest to the original on the calibration data is kept (see the report's notes).
         rank_multiple: round automatic, fractional and allocated ranks up to a multiple of
@@ -256,8 +273,11 @@ class Analysis:
         return 2 * self.conv_macs / 1e9
 
 
-def analyze(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> Analysis:
+def analyze(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | None = None) -> Analysis:
     """Count MACs (fvcore) and parameters of a plain module or a compressed GraphModule.
+
+    A model whose root cannot be traced is counted as it runs eagerly, conv and Linear
+    calls only (:func:`convfx.parts.analyze_untraced`).
 
     >>> a = analyze(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 10, 10))
     >>> a.conv_macs == 8 * 3 * 3 * 3 * 8 * 8
@@ -267,7 +287,12 @@ def analyze(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_tensors(model)
     inputs, assumptions = _resolve_inputs(model, example_inputs)
-    gm = trace(model).gm
+    try:
+        gm = trace(model).gm
+    except ConvfxError as err:
+        if err.kind != UNTRACEABLE_ROOT:
+            raise
+        return analyze_untraced(model, inputs, assumptions)
     propagate_shapes(gm, inputs)
     annotate_macs(gm)
     conv, total = fvcore_macs(model, inputs)

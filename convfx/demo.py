@@ -35,6 +35,12 @@ FAST_TARGETS: tuple[float, ...] = (0.5,)
 MAIN_TARGET = 0.5
 #: The budget at which ``method="auto"`` (tucker or cp per layer) is shown next to Tucker-2 (not with ``fast``).
 AUTO_TARGET = 0.35
+#: ``latency_target`` of the latency row: half the original's measured time on this CPU, for a batch of
+#: :data:`LATENCY_BATCH` images run eagerly (not with ``fast``).
+LATENCY_TARGET = 0.5
+LATENCY_BATCH = 64
+#: Label-free recovery steps of the best row (auto at :data:`AUTO_TARGET`, then ``distill_steps``).
+DISTILL_STEPS = 300
 
 _PLOT_NAME = "demo_accuracy_vs_macs.png"
 _MODEL_NAME = "demo_resnet20_tucker.pt"
@@ -61,6 +67,25 @@ class DemoRow:
     top1_raw: float | None = None
     seconds: float = 0.0
     method: str = "tucker"  # "tucker" | "auto" | "-" (the original)
+    speedup: float | None = None  # latency row: the measured speedup its report gives
+    group: str = ""  # which line of the plot it belongs to
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One compressed row: how it is compressed and labelled."""
+
+    method: str
+    target: float  # a conv-MAC fraction, or for ``latency`` a fraction of the measured time
+    fit: str  # "data-free" | "calibrated"
+    latency: bool = False
+    distill_steps: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.latency:
+            return f"{self.method} {self.target:.0%} time"
+        return f"{self.method} {self.target:.0%} MACs" + (" + recovery" if self.distill_steps else "")
 
 
 @dataclass
@@ -100,9 +125,11 @@ def choose_threads(requested: int | None = None) -> int:
 def _table(rows: list[DemoRow], base_macs: int) -> str:
     from .report import format_count
 
-    head = ["model", "factors fit", "conv MACs", "conv GFLOPs", "reduction", "params", "top-1 %", "top-5 %"]
+    head = ["model", "factors fit", "conv MACs", "conv GFLOPs", "reduction", "params", "top-1 %", "top-5 %",
+            "measured speedup"]
     body = [[r.label, r.fit, format_count(r.conv_macs), f"{2 * r.conv_macs / 1e9:.4f}",
-             f"{base_macs / max(r.conv_macs, 1):.2f}x", format_count(r.params), f"{r.top1:.2f}", f"{r.top5:.2f}"]
+             f"{base_macs / max(r.conv_macs, 1):.2f}x", format_count(r.params), f"{r.top1:.2f}", f"{r.top5:.2f}",
+             "-" if r.speedup is None else f"{r.speedup:.2f}x"]
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
 
@@ -122,6 +149,7 @@ class _Data:
     n_test: int
     n_calib: int
     example: torch.Tensor
+    base_macs: int = 0
 
 
 def _load(fast: bool) -> _Data:
@@ -136,40 +164,66 @@ def _load(fast: bool) -> _Data:
                  len(test), len(calib), torch.zeros(1, 3, 32, 32))  # type: ignore[arg-type]
 
 
-def _settings(fast: bool) -> list[tuple[str, float, str]]:
-    """(method, conv-MAC budget, fit) of every compressed row, in table order."""
+def _settings(fast: bool) -> list[Setting]:
+    """Every compressed row, in table order."""
     targets = FAST_TARGETS if fast else TARGETS
-    runs = [("tucker", t, fit) for t in targets
+    runs = [Setting("tucker", t, fit) for t in targets
             for fit in (("data-free", "calibrated") if t == MAIN_TARGET else ("calibrated",))]
     if not fast:
-        runs.append(("auto", AUTO_TARGET, "calibrated"))
+        runs += [Setting("auto", AUTO_TARGET, "calibrated"),
+                 Setting("auto", AUTO_TARGET, "calibrated", distill_steps=DISTILL_STEPS),
+                 Setting("tucker", LATENCY_TARGET, "calibrated", latency=True)]
     return runs
 
 
-def _compress_row(d: _Data, method: str, target: float, fit: str, progress: bool
-                  ) -> tuple[DemoRow, torch.fx.GraphModule]:
-    """Compress to one budget, re-estimate BN on the calibration images, evaluate; print one line."""
-    from .api import compress
+def _compress_row(d: _Data, s: Setting, progress: bool) -> tuple[DemoRow, torch.fx.GraphModule]:
+    """Compress one setting, re-estimate BN on the calibration images, evaluate; print one line."""
+    from .api import analyze, compress
     from .train import evaluate, recalibrate_bn
 
     t0 = time.perf_counter()
-    label = f"{method} {target:.0%} MACs"
-    gm = compress(d.model, d.example, method=method, flops_target=target, progress=False,
-                  calibration=d.calib_loader if fit == "calibrated" else None)
+    label = s.label
+    calibration = d.calib_loader if s.fit == "calibrated" else None
+    if s.latency:  # timed on a batch, eagerly, on this machine
+        x = d.example.expand(LATENCY_BATCH, -1, -1, -1).contiguous()
+        gm = compress(d.model, x, method=s.method, latency_target=s.target, latency_backend="eager",
+                      calibration=calibration, progress=False)
+    else:
+        gm = compress(d.model, d.example, method=s.method, flops_target=s.target, calibration=calibration,
+                      distill_steps=s.distill_steps, progress=False)
     raw = None
-    if fit == "data-free":  # what the weights alone give, before and after BN re-estimation
-        raw = evaluate(gm, d.test_loader, progress=progress, desc=f"{label} {fit}")["top1"]
+    if s.fit == "data-free":  # what the weights alone give, before and after BN re-estimation
+        raw = evaluate(gm, d.test_loader, progress=progress, desc=f"{label} {s.fit}")["top1"]
     recalibrate_bn(gm, d.calib_loader, _BN_BATCHES)
-    ev = evaluate(gm, d.test_loader, progress=progress, desc=f"{label} {fit} +BN")
+    ev = evaluate(gm, d.test_loader, progress=progress, desc=f"{label} {s.fit} +BN")
     rep = gm.convfx_report
-    row = DemoRow(label, fit, target, rep.conv_macs_after, rep.params_after, ev["top1"], ev["top5"], raw,
-                  time.perf_counter() - t0, method)
+    macs = analyze(gm, d.example).conv_macs if s.latency else rep.conv_macs_after  # per 32x32 image
+    speedup = rep.latency["measured_speedup"] if rep.latency else None
+    row = DemoRow(label, s.fit, s.target, macs, rep.params_after, ev["top1"], ev["top5"], raw,
+                  time.perf_counter() - t0, s.method, speedup, _group(s, d.n_calib))
     structures = sorted({r.method for r in rep.factorized if r.method})
-    print(f"{label}, {fit}: conv MACs {rep.conv_macs_after / 1e6:.2f}M "
-          f"({rep.conv_reduction:.2f}x fewer), top-1 {ev['top1']:.2f}% after BN re-estimation"
+    print(f"{label}, {s.fit}: conv MACs {macs / 1e6:.2f}M "
+          f"({d.base_macs / max(macs, 1):.2f}x fewer), top-1 {ev['top1']:.2f}% after BN re-estimation"
           + (f" ({raw:.2f}% before)" if raw is not None else "")
-          + (f"; structures chosen: {', '.join(structures)}" if method == "auto" else ""))
+          + (f"; structures chosen: {', '.join(structures)}" if s.method == "auto" else "")
+          + (f"; measured {speedup:.2f}x faster (batch {LATENCY_BATCH}, eager)" if speedup else ""))
+    for note in rep.notes:
+        if note.startswith(("distill: ", "latency_target=")):
+            print(f"  {note}")
     return row, gm
+
+
+def _group(s: Setting, n_calib: int) -> str:
+    """The plot line a row belongs to."""
+    if s.latency:
+        return f"latency_target (measured time, batch {LATENCY_BATCH}, eager), calibrated + BN re-est."
+    if s.distill_steps:
+        return f"method=auto + {s.distill_steps} label-free recovery steps + BN re-est."
+    if s.method == "auto":
+        return "method=auto (tucker or cp per layer), calibrated + BN re-est."
+    if s.fit == "data-free":
+        return "Tucker-2, data-free + BN re-est."
+    return f"Tucker-2, fitted on {n_calib} calibration images + BN re-est."
 
 
 def _save_and_reload(gm: torch.fx.GraphModule, d: _Data, out: Path) -> tuple[Path, bool]:
@@ -188,14 +242,12 @@ def _save_and_reload(gm: torch.fx.GraphModule, d: _Data, out: Path) -> tuple[Pat
 def _plot(rows: list[DemoRow], n_calib: int, n_test: int, out: Path) -> Path:
     from .plot import Point, plot_accuracy_vs_macs
 
-    groups = {("tucker", "data-free"): ("Tucker-2, data-free + BN re-est.", (6, -14)),
-              ("tucker", "calibrated"): (f"Tucker-2, fitted on {n_calib} calibration images + BN re-est.",
-                                         (-6, 8)),
-              ("auto", "calibrated"): ("method=auto (tucker or cp per layer), calibrated + BN re-est.", (8, -14))}
+    offsets = [(6, -14), (-6, 8), (8, -14), (8, 6), (-30, -14)]
+    order = list(dict.fromkeys(r.group for r in rows[1:]))
     points = [Point("original", rows[0].conv_macs, rows[0].top1, reference=True)]
     for r in rows[1:]:
-        group, offset = groups[(r.method, r.fit)]
-        points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1, group=group, offset=offset))
+        label = f"{r.target:.0%}" + (f" ({r.speedup:.2f}x)" if r.speedup else "")
+        points.append(Point(label, r.conv_macs, r.top1, group=r.group, offset=offsets[order.index(r.group) % 5]))
         if r.top1_raw is not None:
             points.append(Point(f"{r.target:.0%}", r.conv_macs, r.top1_raw,
                                 group="Tucker-2, data-free, BN statistics not re-estimated"))
@@ -237,14 +289,16 @@ def run_demo(out_dir: str | os.PathLike[str] = "convfx-demo", *, fast: bool = Fa
         print(f"original: top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%, conv MACs {base.conv_macs / 1e6:.2f}M")
 
         main_gm: torch.fx.GraphModule | None = None
-        for method, target, fit in _settings(fast):
-            row, gm = _compress_row(d, method, target, fit, progress)
+        d.base_macs = base.conv_macs
+        for s in _settings(fast):
+            row, gm = _compress_row(d, s, progress)
             rows.append(row)
-            if target == MAIN_TARGET and method == "tucker" and fit == "calibrated":
+            if s == Setting("tucker", MAIN_TARGET, "calibrated"):
                 main_gm = gm
         if main_gm is None:  # MAIN_TARGET not among the targets run
             main_gm = gm
-        main_rows = [r for r in rows if r.target == MAIN_TARGET and r.method == "tucker"] or rows[-1:]
+        main_rows = [r for r in rows if r.target == MAIN_TARGET and r.method == "tucker"
+                     and r.label.endswith("MACs")] or rows[-1:]
         main_label = f"tucker, {main_rows[-1].label.split(' ', 1)[1]}, calibrated"
 
         print(f"\nPer-layer report, main setting ({main_label}; BN then re-estimated):")

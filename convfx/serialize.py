@@ -21,7 +21,15 @@ only tensors and plain Python types)::
                       "fold_square": bool}},  # version 2; version-1 files never fold
      "widths": {last_fqn: k},                  # method="id": hidden width of each narrowed chain
      "report": "<Report as JSON>" | None,
-     "state_dict": {name: tensor}}
+     "state_dict": {name: tensor},
+     "parts": {"root": str, "parts": [{"path": str, "calls": [{"in": spec, "out": spec}]}],
+               "untraced": {path: str}}}      # version 3, only for a model whose root cannot be traced
+
+A model whose root ``forward`` cannot be traced (:mod:`passes.parts`) is saved with its
+parts: their paths and each recorded call's argument structure (plain values). :func:`load`
+traces the same parts of the uncompressed model the same way (nothing is run), rebuilds
+the layers in that graph and puts them into the model itself, which it returns (an
+``nn.Module``, as ``compress`` did). Such files are version 3; others stay version 2.
 
 The architecture name is taken from ``arch=``, else from a ``convfx_arch`` attribute on
 the model (see :func:`convfx.zoo.tag_model`; ``compress`` returns a new GraphModule
@@ -49,11 +57,13 @@ from passes.errors import UNKNOWN_ARCH, ConvfxError
 from passes.factors import Factorized, FactorPlan
 from passes.interp import find_chains
 from passes.narrow import narrow_chains
+from passes.parts import install, replay_graph
 from passes.rewrite import factorize_sites
 from passes.trace import trace
 
 from . import zoo
 from .checkpoint import atomic_save, load_checkpoint, load_state_dict_strict
+from .parts import PARTS_ATTR
 from .report import Report
 
 __all__ = [
@@ -73,7 +83,9 @@ FORMAT = "convfx.model"
 #: Layout version written by :func:`save`. Version 2 folds full-rank tucker factors into the
 #: core (:func:`passes.factors.tucker_keeps`); :func:`load` also reads version 1 files.
 VERSION = 2
-_READABLE = (1, 2)
+#: Layout version of a file that records the parts of a model whose root cannot be traced.
+PARTS_VERSION = 3
+_READABLE = (1, 2, 3)
 
 _FINETUNE_FORMAT = "convfx.finetune/1"  # see convfx.train (its resumable checkpoints)
 
@@ -130,9 +142,10 @@ def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
     if not layers and not widths:
         log.warning("%s has no factorized layers; saving it as it is", type(gm).__name__)
     state = {k: v.detach().cpu() for k, v in gm.state_dict().items()}
+    parts = getattr(gm, PARTS_ATTR, None)
     obj: dict[str, Any] = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": PARTS_VERSION if parts else VERSION,
         "convfx_version": _convfx_version(),
         "arch": arch,
         "normalization": _normalization_dict(gm, normalization),
@@ -143,6 +156,8 @@ def save(gm: nn.Module, path: PathLike, *, arch: str | None = None,
         "report": report.to_json(indent=None) if isinstance(report, Report) else None,
         "state_dict": state,
     }
+    if parts:
+        obj["parts"] = parts
     out = Path(path)
     atomic_save(obj, out)
     log.info("saved %s (%d factorized layers, arch=%s) to %s", type(gm).__name__, len(layers), arch, out)
@@ -240,12 +255,15 @@ def _match_dtypes(model: nn.Module, state: Mapping[str, Any]) -> None:
                 t.data = t.data.to(saved.dtype)
 
 
-def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModule:
+def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModule | nn.Module:
+    """The compressed structure: a GraphModule, or ``base`` itself with its parts' layers replaced."""
     plans, geoms, kinds, folds = _plans(spec, where)
     dtypes = _float_dtypes(spec["state_dict"])
     if len(dtypes) == 1:  # one dtype: everything, unsaved buffers included, takes it
         base = base.to(dtypes.pop())
-    gm = trace(base).gm
+    parts = spec.get("parts")
+    originals = {id(m) for m in base.modules()}
+    gm = replay_graph(base, parts, where) if parts else trace(base).gm
     sites, _ = find_sites(gm)
     by_fqn = {s.fqn: s for s in sites}
     missing = [f for f in plans if f not in by_fqn]
@@ -273,8 +291,13 @@ def _rebuild(base: nn.Module, spec: dict[str, Any], where: str) -> fx.GraphModul
     narrow_chains(gm, list(chains.values()), widths)
     factorize_sites(gm, [by_fqn[f] for f in plans], plans, weight_fn=None,
                     unfolded={f for f, fold in folds.items() if not fold})
-    _match_dtypes(gm, spec["state_dict"])
-    return gm
+    model: nn.Module = gm
+    if parts:
+        install(gm, base, originals)
+        setattr(base, PARTS_ATTR, parts)
+        model = base
+    _match_dtypes(model, spec["state_dict"])
+    return model
 
 
 def _state_dict_from(obj: Any, where: str) -> dict[str, torch.Tensor]:
@@ -308,8 +331,11 @@ def load_state_dict(model: nn.Module, source: PathLike | Mapping[str, torch.Tens
 
 
 def load(path: PathLike, model: nn.Module | None = None, *,
-         state_dict: PathLike | Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule:
+         state_dict: PathLike | Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule | nn.Module:
     """Rebuild a model saved by :func:`save`; no decomposition is run.
+
+    A GraphModule, or for a model whose root cannot be traced (a version-3 file) the
+    uncompressed model itself with its parts' layers rebuilt.
 
     The uncompressed architecture comes from the file's registry name, or from
     ``model`` (required when the file has no known name; an uncompressed instance, left

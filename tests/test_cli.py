@@ -364,6 +364,10 @@ def test_full_demo_shows_auto_ahead_of_tucker_at_the_smallest_budget(tmp_path: P
     tucker = next(r for r in rows if r["method"] == "tucker" and r["target"] == auto["target"])
     assert auto["conv_macs"] <= auto["target"] * rows[0]["conv_macs"]
     assert auto["top1"] > tucker["top1"]
+    latency = next(r for r in rows if r["label"].endswith("time"))
+    assert latency["speedup"] >= 1.0  # measured, never slower than the original
+    recovered = next(r for r in rows if r["label"].endswith("+ recovery"))
+    assert recovered["conv_macs"] == auto["conv_macs"]
 
 
 def test_compress_calibrates_on_a_folder_of_unlabeled_images(data_root: Path, tmp_path: Path,

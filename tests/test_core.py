@@ -410,9 +410,13 @@ def test_untraceable_submodule_becomes_a_leaf_and_is_reported() -> None:
     torch.testing.assert_close(gm(x), model(x))
 
 
-def test_untraceable_root_raises_with_hint() -> None:
-    with pytest.raises(ConvfxError, match=r"DataDependent.*cannot be traced[\s\S]*filter_fn"):
-        convfx.compress(DataDependent(), torch.randn(1, 8, 5, 5))
+def test_untraceable_root_is_compressed_through_its_traceable_parts() -> None:
+    model, x = DataDependent().to(F64), torch.randn(1, 8, 5, 5, dtype=F64)
+    out = convfx.compress(model, x, rank=1.0, progress=False)
+    assert type(out) is DataDependent and out is not model  # the user's class, a copy
+    assert [p["path"] for p in out.convfx_parts["parts"]] == ["conv"]
+    assert any("DataDependent" in n or "root" in n for n in out.convfx_report.notes)
+    torch.testing.assert_close(out(x), model(x))
 
 
 def test_analyze_plain_and_inputs_inferred() -> None:
