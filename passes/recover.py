@@ -420,6 +420,199 @@ def _schedule(steps: int) -> Callable[[int], float]:
     return factor
 
 
+class _Distiller:
+    """One :func:`distill` call's state: the targets, the best weights seen, the batch stream.
+
+    Why a class: the training loop, its checkpoints and the final choice of weights share
+    a dozen values; methods over one object keep each step short.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, inputs: list[Tensor], config: DistillConfig,
+                 held: list[Tensor] | None) -> None:
+        self.student, self.teacher, self.inputs, self.config, self.held = student, teacher, inputs, config, held
+        self.start = time.perf_counter()
+        self.device, self.teacher_device = model_device(student), model_device(teacher)
+        self.target = _outputs(teacher, inputs, self.teacher_device).to(self.device)
+        self.held_target = (_outputs(teacher, held, self.teacher_device).to(self.device)
+                            if held is not None else None)
+        # With held-out inputs the weights are chosen by their KL (over-fitting shows there first).
+        self.judge_name = "held-out" if held is not None else "calibration"
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.aug: Augment | None
+        if isinstance(config.augment, str):  # "default", checked by DistillConfig
+            self.aug = lambda x: default_augment(x, self.gen)
+        else:
+            self.aug = config.augment
+        self.restored: str | None = None
+        self.taken = 0
+
+    def kl(self, batches: list[Tensor], ref: Tensor) -> float:
+        return output_discrepancy(_outputs(self.student, batches, self.device), ref)
+
+    def held_kl(self) -> float | None:
+        if self.held is None or self.held_target is None:
+            return None
+        return self.kl(self.held, self.held_target)
+
+    def judged(self, k_train: float) -> float:
+        k = self.held_kl()
+        return k if k is not None else k_train
+
+    def keep_if_best(self, score: float, at: str) -> None:
+        if score < self.best_kl:
+            self.best_kl, self.best_at, self.best = score, at, _snapshot(self.student)
+
+    def batch(self, x: Tensor) -> Tensor:
+        """A training batch: augmented, then partly blended."""
+        if self.aug is not None:
+            x = self.aug(x)
+            if not isinstance(x, Tensor):
+                raise ConvfxError(f"the augmentation returned {type(x).__name__}, not a tensor",
+                                  where="distill_augment")
+        return mix(x, self.config.mixup, self.gen) if self.config.mixup > 0 else x
+
+    def begin(self, kl_before: float) -> None:
+        """Starting weights and score; BN statistics re-estimated first when asked."""
+        config = self.config
+        self.kl_before = self.kl_after = kl_before
+        self.initial = _snapshot(self.student)
+        self.start_score = self.judged(kl_before)
+        self.best_kl, self.best_at, self.best = self.start_score, "the start", self.initial
+        if config.bn in ("recalibrate", "augmented"):
+            _reestimate_bn(self.student, self.inputs if config.bn == "recalibrate" else
+                           (self.batch(x.to(self.device)) for _ in range(_BN_AUG_PASSES) for x in self.inputs),
+                           self.device)
+            self.keep_if_best(self.judged(self.kl(self.inputs, self.target)), "BN re-estimation")
+
+    def train(self, limit: float | None, progress: bool) -> bool:
+        """Adam steps with checkpoints; sets :attr:`restored` on divergence. True if the time limit ended it."""
+        config, student, teacher = self.config, self.student, self.teacher
+        params = _trainable(student, config.train)
+        pool = torch.cat(self.inputs)
+        n, bs = pool.shape[0], min(config.batch_size, pool.shape[0])
+        use_features = config.feature_weight > 0
+        tap_names = ([penultimate(teacher)] if config.features == "penultimate" else list(config.features)
+                     ) if use_features else []
+        tap_inputs = config.features == "penultimate"
+        rerun_teacher = self.aug is not None or config.mixup > 0 or use_features
+        ckpts = {max(1, round(config.steps * k / config.checkpoints)) for k in range(1, config.checkpoints + 1)}
+        lr_factor = _schedule(config.steps)
+        timed_out, checks_done = False, 0
+        bns = [m for m in student.modules() if isinstance(m, _BN)]
+        order, pos = torch.randperm(n, generator=self.gen), 0
+        bar = tqdm(total=config.steps, desc="distill", unit="step", disable=not progress or None, leave=False)
+        t_taps = _Taps(teacher, tap_names, tap_inputs, "original model")
+        s_taps: _Taps | None = None
+        flags = {p: p.requires_grad for p in student.parameters()}
+        try:
+            s_taps = _Taps(student, tap_names, tap_inputs, "compressed model")
+            for p in student.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=config.lr)
+            for step in range(1, config.steps + 1):
+                # progress in steps, or in seconds when the time limit comes first
+                done = step - 1 if limit is None else max(step - 1,
+                                                          config.steps * (time.perf_counter() - self.start) / limit)
+                for g in opt.param_groups:
+                    g["lr"] = config.lr * lr_factor(done)
+                if pos + bs > n:
+                    order, pos = torch.randperm(n, generator=self.gen), 0
+                idx = order[pos:pos + bs]
+                x = self.batch(pool[idx.to(pool.device)].to(self.device))
+                pos += bs
+                t_feats: list[Tensor] = []
+                if rerun_teacher:
+                    with torch.no_grad():
+                        t_taps.on = True
+                        t = _forward(teacher, x.to(self.teacher_device)).to(self.device)
+                        t_taps.on = False
+                        t_feats = t_taps.take() if use_features else []
+                else:  # the un-augmented rows: their teacher outputs are already known
+                    t = self.target[idx.to(self.target.device)]
+                if config.bn == "train":
+                    for m in bns:
+                        m.train()
+                with torch.enable_grad():
+                    s_taps.on = True
+                    out = _forward(student, x)
+                    s_taps.on = False
+                    loss = config.kl_weight * _loss(out, t, config.temperature) if config.kl_weight > 0 else 0.0
+                    if use_features:
+                        loss = loss + config.feature_weight * _feature_loss(s_taps.take(), t_feats, tap_names)
+                    assert isinstance(loss, Tensor)
+                    if not bool(torch.isfinite(loss)):
+                        self.restored = f"loss not finite at step {step}"
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                self.taken = step
+                bar.update(1)
+                if step % 10 == 0 or step == config.steps:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                if limit is None:
+                    due = step in ckpts
+                else:  # checkpoints at fractions of the progress, in steps or seconds
+                    used = (time.perf_counter() - self.start) / limit
+                    timed_out = used >= 1 and step < config.steps
+                    due = (step == config.steps or timed_out
+                           or max(step / config.steps, used) >= (checks_done + 1) / config.checkpoints)
+                if due:
+                    checks_done += 1
+                    if not self.checkpoint(step):
+                        break
+                if timed_out:
+                    break
+        except BaseException:
+            student.load_state_dict(self.initial)  # an interrupted run leaves no half-trained student behind
+            raise
+        finally:
+            bar.close()
+            t_taps.close()
+            if s_taps is not None:
+                s_taps.close()
+            for p, f in flags.items():
+                p.requires_grad_(f)
+                p.grad = None
+        return timed_out
+
+    def checkpoint(self, step: int) -> bool:
+        """Measure and keep the weights if best; False when the calibration KL is not finite."""
+        if self.config.bn == "train":
+            _reestimate_bn(self.student, self.inputs, self.device)
+        self.student.eval()
+        self.kl_after = self.kl(self.inputs, self.target)
+        score = self.judged(self.kl_after)
+        log.debug("distill: step %d, calibration KL %.4g, %s KL %.4g", step, self.kl_after, self.judge_name, score)
+        if not math.isfinite(self.kl_after):
+            self.restored = f"calibration KL not finite at step {step}"
+            return False
+        self.keep_if_best(score, f"step {step}")
+        return True
+
+    def choose(self) -> None:
+        """Put back the weights the guard prefers, and say why in :attr:`restored`."""
+        student = self.student
+        if self.restored is not None:  # diverged: the best weights seen
+            student.load_state_dict(self.best)
+            self.restored += (f": weights of {self.best_at} restored (best {self.judge_name} KL seen, "
+                              f"{self.best_kl:.3g})")
+        elif self.held is not None and self.best_at != f"step {self.taken}":
+            student.load_state_dict(self.best)  # the held-out KL was lowest at an earlier checkpoint
+            if self.best_at != "the start":
+                self.restored = f"weights of {self.best_at} kept (lowest held-out KL, {self.best_kl:.3g})"
+            else:
+                self.restored = f"held-out KL did not fall ({self.start_score:.3g}): starting weights restored"
+        elif self.held is None and self.kl_after > self.kl_before:
+            student.load_state_dict(self.initial)
+            self.restored = (f"calibration KL rose ({self.kl_before:.3g} -> {self.kl_after:.3g}): "
+                             "starting weights restored")
+        if self.restored is not None:
+            self.kl_after = self.kl(self.inputs, self.target)
+
+
 def distill(student: nn.Module, teacher: nn.Module, inputs: list[Tensor], config: DistillConfig, *,
             progress: bool = False, held_out: list[Tensor] | None = None) -> DistillResult:
     """Train ``student`` in place to reproduce ``teacher``'s outputs on (augmented) ``inputs``.
@@ -445,181 +638,26 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: list[Tensor], config
     if len(shapes) != 1 and config.steps > 0:
         raise ConvfxError(f"calibration batches of different shapes {sorted(shapes)} cannot be pooled",
                           where="distill", hint="resize the calibration inputs to one shape")
-    start = time.perf_counter()
-    device, teacher_device = model_device(student), model_device(teacher)
-    flags = {p: p.requires_grad for p in student.parameters()}
-
+    timed_out = False
     with eval_mode(teacher), eval_mode(student):
-        target = _outputs(teacher, inputs, teacher_device).to(device)
-        held_target = _outputs(teacher, held, teacher_device).to(device) if held is not None else None
-
-        def kl(batches: list[Tensor], ref: Tensor) -> float:
-            return output_discrepancy(_outputs(student, batches, device), ref)
-
-        def held_kl() -> float | None:
-            return kl(held, held_target) if held is not None and held_target is not None else None
-
+        run = _Distiller(student, teacher, inputs, config, held)
         t_eval = time.perf_counter()
-        kl_before, held_before = kl(inputs, target), held_kl()
+        kl_before, held_before = run.kl(inputs, run.target), run.held_kl()
         t_eval = time.perf_counter() - t_eval  # what one checkpoint costs
         if config.steps == 0:
-            return DistillResult(0, time.perf_counter() - start, kl_before, kl_before, None, config.bn, config.lr,
-                                 held_before, held_before)
+            return DistillResult(0, time.perf_counter() - run.start, kl_before, kl_before, None, config.bn,
+                                 config.lr, held_before, held_before)
         if not math.isfinite(kl_before):
             raise ConvfxError(f"the compressed model's calibration output discrepancy is {kl_before} before "
                               "distillation", where="distill", hint="check the compressed weights for NaN/inf")
-        initial = _snapshot(student)
-        # With held-out inputs the weights are chosen by their KL (over-fitting shows there first).
-        judge_name = "held-out" if held is not None else "calibration"
-
-        def judged(k_train: float) -> float:
-            k = held_kl()
-            return k if k is not None else k_train
-
-        start_score = judged(kl_before)
-        best_kl, best_at, best = start_score, "the start", initial
-        gen = torch.Generator().manual_seed(config.seed)
-        aug: Augment | None
-        if isinstance(config.augment, str):  # "default", checked by DistillConfig
-            def aug(x: Tensor) -> Tensor:
-                return default_augment(x, gen)
-        else:
-            aug = config.augment  # type: ignore[assignment]
-
-        def prepare(x: Tensor) -> Tensor:
-            """A training batch: augmented, then partly blended."""
-            if aug is not None:
-                x = aug(x)
-                if not isinstance(x, Tensor):
-                    raise ConvfxError(f"the augmentation returned {type(x).__name__}, not a tensor",
-                                      where="distill_augment")
-            return mix(x, config.mixup, gen) if config.mixup > 0 else x
-
-        if config.bn in ("recalibrate", "augmented"):
-            _reestimate_bn(student, inputs if config.bn == "recalibrate" else
-                           (prepare(x.to(device)) for _ in range(_BN_AUG_PASSES) for x in inputs), device)
-            k = judged(kl(inputs, target))
-            if k < best_kl:
-                best_kl, best_at, best = k, "BN re-estimation", _snapshot(student)
-
-        params = _trainable(student, config.train)
-        pool = torch.cat(inputs)
-        n, bs = pool.shape[0], min(config.batch_size, pool.shape[0])
-        use_features = config.feature_weight > 0
-        tap_names = ([penultimate(teacher)] if config.features == "penultimate" else list(config.features)
-                     ) if use_features else []
-        tap_inputs = config.features == "penultimate"
-        rerun_teacher = aug is not None or config.mixup > 0 or use_features
-        ckpts = {max(1, round(config.steps * k / config.checkpoints)) for k in range(1, config.checkpoints + 1)}
-        lr_factor = _schedule(config.steps)
+        run.begin(kl_before)
         # training stops early enough for the last checkpoint and a possible restore to fit in max_seconds
         limit = None if config.max_seconds is None else max(config.max_seconds - 2 * t_eval, config.max_seconds / 2)
-        timed_out, checks_done = False, 0
-        restored: str | None = None
-        kl_after, taken = kl_before, 0
-        bns = [m for m in student.modules() if isinstance(m, _BN)]
-        order, pos = torch.randperm(n, generator=gen), 0
-        bar = tqdm(total=config.steps, desc="distill", unit="step", disable=not progress or None, leave=False)
-        t_taps = _Taps(teacher, tap_names, tap_inputs, "original model")
-        s_taps: _Taps | None = None
-        try:
-            s_taps = _Taps(student, tap_names, tap_inputs, "compressed model")
-            for p in student.parameters():
-                p.requires_grad_(False)
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=config.lr)
-            for step in range(1, config.steps + 1):
-                # progress in steps, or in seconds when the time limit comes first
-                done = step - 1 if limit is None else max(step - 1, config.steps * (time.perf_counter() - start) / limit)
-                for g in opt.param_groups:
-                    g["lr"] = config.lr * lr_factor(done)
-                if pos + bs > n:
-                    order, pos = torch.randperm(n, generator=gen), 0
-                idx = order[pos:pos + bs]
-                x = pool[idx.to(pool.device)].to(device)
-                pos += bs
-                x = prepare(x)
-                t_feats: list[Tensor] = []
-                if rerun_teacher:
-                    with torch.no_grad():
-                        t_taps.on = True
-                        t = _forward(teacher, x.to(teacher_device)).to(device)
-                        t_taps.on = False
-                        t_feats = t_taps.take() if use_features else []
-                else:  # the un-augmented rows: their teacher outputs are already known
-                    t = target[idx.to(target.device)]
-                if config.bn == "train":
-                    for m in bns:
-                        m.train()
-                with torch.enable_grad():
-                    s_taps.on = True
-                    out = _forward(student, x)
-                    s_taps.on = False
-                    loss = config.kl_weight * _loss(out, t, config.temperature) if config.kl_weight > 0 else 0.0
-                    if use_features:
-                        loss = loss + config.feature_weight * _feature_loss(s_taps.take(), t_feats, tap_names)
-                    assert isinstance(loss, Tensor)
-                    if not bool(torch.isfinite(loss)):
-                        restored = f"loss not finite at step {step}"
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                taken = step
-                bar.update(1)
-                if step % 10 == 0 or step == config.steps:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                if limit is None:
-                    due = step in ckpts
-                else:  # checkpoints at fractions of the progress, in steps or seconds
-                    used = (time.perf_counter() - start) / limit
-                    timed_out = used >= 1 and step < config.steps
-                    due = (step == config.steps or timed_out
-                           or max(step / config.steps, used) >= (checks_done + 1) / config.checkpoints)
-                if due:
-                    checks_done += 1
-                    if config.bn == "train":
-                        _reestimate_bn(student, inputs, device)
-                    student.eval()
-                    kl_after = kl(inputs, target)
-                    score = judged(kl_after)
-                    log.debug("distill: step %d, calibration KL %.4g, %s KL %.4g", step, kl_after, judge_name, score)
-                    if not math.isfinite(kl_after):
-                        restored = f"calibration KL not finite at step {step}"
-                        break
-                    if score < best_kl:
-                        best_kl, best_at, best = score, f"step {step}", _snapshot(student)
-                if timed_out:
-                    break
-        except BaseException:
-            student.load_state_dict(initial)  # an interrupted run leaves no half-trained student behind
-            raise
-        finally:
-            bar.close()
-            t_taps.close()
-            if s_taps is not None:
-                s_taps.close()
-            for p, f in flags.items():
-                p.requires_grad_(f)
-                p.grad = None
-        if restored is not None:  # diverged: the best weights seen
-            student.load_state_dict(best)
-            restored += f": weights of {best_at} restored (best {judge_name} KL seen, {best_kl:.3g})"
-        elif held is not None and best_at != f"step {taken}":
-            student.load_state_dict(best)  # the held-out KL was lowest at an earlier checkpoint
-            if best_at != "the start":
-                restored = f"weights of {best_at} kept (lowest held-out KL, {best_kl:.3g})"
-            else:
-                restored = f"held-out KL did not fall ({start_score:.3g}): starting weights restored"
-        elif held is None and kl_after > kl_before:
-            student.load_state_dict(initial)
-            restored = f"calibration KL rose ({kl_before:.3g} -> {kl_after:.3g}): starting weights restored"
-        if restored is not None:
-            kl_after = kl(inputs, target)
-        held_after = held_kl()
-    result = DistillResult(taken, time.perf_counter() - start, kl_before, kl_after, restored, config.bn, config.lr,
-                           held_before, held_after, config.max_seconds if timed_out else None,
+        timed_out = run.train(limit, progress)
+        run.choose()
+        held_after = run.held_kl()
+    result = DistillResult(run.taken, time.perf_counter() - run.start, kl_before, run.kl_after, run.restored,
+                           config.bn, config.lr, held_before, held_after, config.max_seconds if timed_out else None,
                            config.steps if timed_out else None)
-    (log.warning if restored else log.info)("%s", result.note())
+    (log.warning if run.restored else log.info)("%s", result.note())
     return result

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
@@ -212,12 +212,8 @@ def test_real_timing_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) 
     assert again.convfx_report.latency["compressed_ms"] == lat["compressed_ms"]
 
 
-def test_latency_target_on_conv1d_and_transposed_layers() -> None:
-    """The latency objective prices every conv type the pipeline factorizes (N-d specs)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv1d(8, 64, 5, padding=2), nn.ReLU(), nn.Conv1d(64, 64, 5, padding=2), nn.ReLU(),
-                        nn.ConvTranspose1d(64, 32, 4, stride=2, padding=1)).eval()
-    x = torch.randn(2, 8, 128)
+def _conv_weight_meter() -> Callable[[nn.Module, tuple[Any, ...], str], FakeMeter]:
+    """A meter factory whose model time counts the weights of every conv type (N-d, transposed)."""
 
     class Meter(FakeMeter):
         def model_seconds(self, model: nn.Module) -> float:
@@ -229,7 +225,16 @@ def test_latency_target_on_conv1d_and_transposed_layers() -> None:
     def factory(model: nn.Module, inputs: tuple[Any, ...], backend: str) -> FakeMeter:
         meter.original = model
         return meter
+    return factory
 
+
+def test_latency_target_on_conv1d_and_transposed_layers() -> None:
+    """The latency objective prices every conv type the pipeline factorizes (N-d specs)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(8, 64, 5, padding=2), nn.ReLU(), nn.Conv1d(64, 64, 5, padding=2), nn.ReLU(),
+                        nn.ConvTranspose1d(64, 32, 4, stride=2, padding=1)).eval()
+    x = torch.randn(2, 8, 128)
+    factory = _conv_weight_meter()
     gm = convfx.api.compress_with(net, x, CompressOptions(latency_target=0.6, latency_meter=factory, progress=False))
     rep = gm.convfx_report
     assert rep.latency is not None and rep.factorized
@@ -237,17 +242,7 @@ def test_latency_target_on_conv1d_and_transposed_layers() -> None:
 
 
 def test_the_compile_backend_takes_latency_target() -> None:
-    class Meter(FakeMeter):  # dynamo's graphs take their buffers as inputs: count the conv weights instead
-        def model_seconds(self, model: nn.Module) -> float:
-            return self.fusion * sum(m.weight.numel() * 1e-7 + self.per_call for m in model.modules()
-                                     if isinstance(m, nn.modules.conv._ConvNd)) + self.overhead
-
-    meter = Meter()
-
-    def factory(model: nn.Module, inputs: tuple[Any, ...], backend: str) -> FakeMeter:
-        meter.original = model
-        return meter
-
+    factory = _conv_weight_meter()  # dynamo's graphs take their buffers as inputs: count the conv weights
     reports: list[Any] = []
     net = _net().requires_grad_(False)
     torch._dynamo.reset()
