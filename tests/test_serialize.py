@@ -351,3 +351,31 @@ def test_save_rejects_bad_arguments(tmp_path: Path) -> None:
         serialize.save("model", tmp_path / "x.pt")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="arch"):
         serialize.save(TinyNet(), tmp_path / "x.pt", arch="")
+
+
+class MixedDtypeNet(nn.Module):
+    """A float32 conv feeding one float64 conv (a model that mixes dtypes on purpose)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 10, 3, padding=1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.a(x)).double())
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_load_keeps_each_tensors_dtype(tmp_path: Path, method: str) -> None:
+    """Loading must not cast a mixed-dtype model to its first floating dtype (issue 22, finding 2)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = convfx.compress(MixedDtypeNet().eval(), x, method=method, rank=0.5)
+    path = serialize.save(gm, tmp_path / "mixed.pt")
+    loaded = serialize.load(path, model=MixedDtypeNet())
+    want = {k: v.dtype for k, v in gm.state_dict().items()}
+    got = {k: v.dtype for k, v in loaded.state_dict().items()}
+    assert got == want and torch.float64 in got.values() and torch.float32 in got.values()
+    out = loaded(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, gm(x), rtol=0, atol=0)
