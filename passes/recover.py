@@ -471,12 +471,12 @@ class _Distiller:
                                   where="distill_augment")
         return mix(x, self.config.mixup, self.gen) if self.config.mixup > 0 else x
 
-    def begin(self, kl_before: float) -> None:
-        """Starting weights and score; BN statistics re-estimated first when asked."""
+    def begin(self, kl_before: float, held_before: float | None) -> None:
+        """Starting weights and score (the KLs just measured); BN statistics re-estimated first when asked."""
         config = self.config
         self.kl_before = self.kl_after = kl_before
         self.initial = _snapshot(self.student)
-        self.start_score = self.judged(kl_before)
+        self.start_score = held_before if held_before is not None else kl_before
         self.best_kl, self.best_at, self.best = self.start_score, "the start", self.initial
         if config.bn in ("recalibrate", "augmented"):
             _reestimate_bn(self.student, self.inputs if config.bn == "recalibrate" else
@@ -638,7 +638,6 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: list[Tensor], config
     if len(shapes) != 1 and config.steps > 0:
         raise ConvfxError(f"calibration batches of different shapes {sorted(shapes)} cannot be pooled",
                           where="distill", hint="resize the calibration inputs to one shape")
-    timed_out = False
     with eval_mode(teacher), eval_mode(student):
         run = _Distiller(student, teacher, inputs, config, held)
         t_eval = time.perf_counter()
@@ -650,7 +649,7 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: list[Tensor], config
         if not math.isfinite(kl_before):
             raise ConvfxError(f"the compressed model's calibration output discrepancy is {kl_before} before "
                               "distillation", where="distill", hint="check the compressed weights for NaN/inf")
-        run.begin(kl_before)
+        run.begin(kl_before, held_before)
         # training stops early enough for the last checkpoint and a possible restore to fit in max_seconds
         limit = None if config.max_seconds is None else max(config.max_seconds - 2 * t_eval, config.max_seconds / 2)
         timed_out = run.train(limit, progress)
